@@ -1,0 +1,109 @@
+"""The one place that knows which Keras a model comes from.
+
+Serves Keras 3 (>= 3.0, TensorFlow backend) and legacy tf-keras 2.x (``tf_keras``,
+selected in TensorFlow with ``TF_USE_LEGACY_KERAS=1``). Everything else in the package
+asks this module instead of touching either Keras directly, so a Keras change is
+mended here.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterator
+from typing import Any
+
+import tensorflow as tf
+
+__all__ = [
+    "STOCHASTIC_LAYERS",
+    "flavour",
+    "is_compiled",
+    "iter_layers",
+    "keras_module",
+    "model_jit_compile",
+    "tf_variable",
+    "unpack_x_y_sample_weight",
+    "variable_name",
+]
+
+# Layers whose training-mode output is random. The objective is evaluated in
+# inference mode, where they are the identity, so their presence must be
+# acknowledged explicitly (``deterministic=True``) instead of silently ignored.
+STOCHASTIC_LAYERS = frozenset(
+    {
+        "Dropout",
+        "SpatialDropout1D",
+        "SpatialDropout2D",
+        "SpatialDropout3D",
+        "GaussianNoise",
+        "GaussianDropout",
+        "AlphaDropout",
+        "RandomFlip",
+        "RandomRotation",
+        "RandomZoom",
+        "RandomTranslation",
+        "RandomContrast",
+        "RandomBrightness",
+        "RandomCrop",
+    }
+)
+
+
+def flavour(model: Any) -> str:
+    """Return ``"keras3"`` or ``"tf_keras"`` for a model, from its class hierarchy."""
+    for cls in type(model).__mro__:
+        module = cls.__module__
+        if module.startswith("tf_keras"):
+            return "tf_keras"
+        if module.startswith("keras"):
+            return "keras3"
+    raise TypeError(
+        f"{type(model).__name__} is neither a Keras 3 nor a tf-keras model; "
+        "pass a keras.Model (or tf_keras.Model)."
+    )
+
+
+def keras_module(model: Any):
+    """The ``keras`` or ``tf_keras`` module a model belongs to."""
+    return importlib.import_module("tf_keras" if flavour(model) == "tf_keras" else "keras")
+
+
+def is_compiled(model: Any) -> bool:
+    if flavour(model) == "tf_keras":
+        return bool(getattr(model, "_is_compiled", False))
+    return bool(getattr(model, "compiled", False))
+
+
+def model_jit_compile(model: Any) -> bool:
+    """Whether the model asked Keras for XLA (Keras 3 resolves ``"auto"`` in compile)."""
+    return bool(getattr(model, "jit_compile", False))
+
+
+def tf_variable(variable: Any) -> tf.Variable:
+    """The ``tf.Variable`` behind a Keras variable (Keras 3 wraps one; tf-keras is one)."""
+    if isinstance(variable, tf.Variable):
+        return variable
+    inner = getattr(variable, "value", None)
+    if isinstance(inner, tf.Variable):
+        return inner
+    raise TypeError(f"cannot find the tf.Variable behind {variable!r}")
+
+
+def variable_name(variable: Any) -> str:
+    """A readable unique-ish name: Keras 3 ``path`` or tf-keras ``name`` without ``:0``."""
+    path = getattr(variable, "path", None)
+    if isinstance(path, str):
+        return path
+    return variable.name.split(":")[0]
+
+
+def unpack_x_y_sample_weight(model: Any, data: Any) -> tuple[Any, Any, Any]:
+    return keras_module(model).utils.unpack_x_y_sample_weight(data)
+
+
+def iter_layers(layer: Any) -> Iterator[Any]:
+    """Yield a layer and every layer nested inside it (models within models)."""
+    yield layer
+    for sub in getattr(layer, "layers", None) or ():
+        if sub is not layer:
+            yield from iter_layers(sub)

@@ -1,0 +1,118 @@
+"""Trainable variables <-> one float64 vector.
+
+The layout is fixed when the view is made: variables in the order given (for a model,
+``model.trainable_variables``), each flattened in C order, concatenated. ``offsets[i]``
+is where variable ``i`` starts; ``names``, ``shapes`` and ``dtypes`` say what it is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from . import _keras
+
+__all__ = ["FlatVariables"]
+
+
+@dataclass(frozen=True)
+class FlatVariables:
+    """An immutable layout of variables in one float64 vector.
+
+    Parameters
+    ----------
+    variables
+        Keras 3 or tf-keras variables (or ``tf.Variable``), in vector order.
+    """
+
+    variables: tuple[Any, ...]
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    dtypes: tuple[tf.DType, ...]
+    sizes: tuple[int, ...]
+    offsets: tuple[int, ...]
+
+    @classmethod
+    def from_variables(cls, variables: Sequence[Any]) -> FlatVariables:
+        variables = tuple(variables)
+        shapes = tuple(tuple(int(d) for d in v.shape) for v in variables)
+        sizes = tuple(int(np.prod(s, dtype=np.int64)) for s in shapes)
+        offsets = tuple(int(o) for o in np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]))
+        return cls(
+            variables=variables,
+            names=tuple(_keras.variable_name(v) for v in variables),
+            shapes=shapes,
+            dtypes=tuple(tf.as_dtype(v.dtype) for v in variables),
+            sizes=sizes,
+            offsets=offsets,
+        )
+
+    @property
+    def size(self) -> int:
+        """Length of the flat vector (number of scalar weights)."""
+        return self.offsets[-1]
+
+    def __len__(self) -> int:
+        return len(self.variables)
+
+    def slice(self, i: int) -> slice:
+        """Where variable ``i`` lives in the flat vector."""
+        return slice(self.offsets[i], self.offsets[i + 1])
+
+    # --- numpy side (scipy boundary) -------------------------------------------
+    def pack(self, values: Sequence[Any]) -> np.ndarray:
+        """Concatenate one array per variable into a new float64 vector."""
+        if len(values) != len(self.variables):
+            raise ValueError(f"expected {len(self.variables)} arrays, got {len(values)}")
+        out = np.empty(self.size, dtype=np.float64)
+        for i, (value, shape) in enumerate(zip(values, self.shapes)):
+            value = np.asarray(value, dtype=np.float64)
+            if value.shape != shape:
+                raise ValueError(f"{self.names[i]}: expected shape {shape}, got {value.shape}")
+            out[self.slice(i)] = value.ravel()
+        return out
+
+    def unpack(self, x: np.ndarray) -> list[np.ndarray]:
+        """Split a flat vector into float64 arrays shaped like the variables (views)."""
+        x = self._check_vector(x)
+        return [x[self.slice(i)].reshape(s) for i, s in enumerate(self.shapes)]
+
+    def read(self) -> np.ndarray:
+        """The variables' current values as a new float64 vector."""
+        return self.pack([np.asarray(v.numpy() if hasattr(v, "numpy") else v) for v in self.variables])
+
+    def write(self, x: np.ndarray) -> None:
+        """Assign a flat vector to the variables (eagerly, cast to each variable's dtype)."""
+        for v, value, dtype in zip(self.variables, self.unpack(x), self.dtypes):
+            v.assign(value.astype(dtype.as_numpy_dtype))
+
+    def _check_vector(self, x: Any) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float64)
+        if x.shape != (self.size,):
+            raise ValueError(f"expected a flat vector of shape ({self.size},), got {x.shape}")
+        return x
+
+    # --- graph side ------------------------------------------------------------
+    def split(self, x: tf.Tensor) -> list[tf.Tensor]:
+        """Inside a graph: split a float64 vector into tensors shaped and typed like the variables."""
+        return [
+            tf.cast(tf.reshape(x[self.offsets[i] : self.offsets[i + 1]], shape), dtype)
+            for i, (shape, dtype) in enumerate(zip(self.shapes, self.dtypes))
+        ]
+
+    def concat(self, tensors: Sequence[Any]) -> tf.Tensor:
+        """Inside a graph: one float64 vector from per-variable tensors.
+
+        ``IndexedSlices`` are densified (duplicate indices summed); ``None`` becomes zeros.
+        """
+        parts = []
+        for t, shape in zip(tensors, self.shapes):
+            if t is None:
+                parts.append(tf.zeros([int(np.prod(shape, dtype=np.int64))], tf.float64))
+                continue
+            parts.append(tf.reshape(tf.cast(tf.convert_to_tensor(t), tf.float64), [-1]))
+        return tf.concat(parts, axis=0) if parts else tf.zeros([0], tf.float64)

@@ -1,0 +1,303 @@
+"""The full-batch objective: Keras's loss over the whole data set, with exact derivatives.
+
+``f(x)`` is ``model.compute_loss`` (compiled loss + regularization and ``add_loss`` terms)
+over all samples at once, in inference mode, with the trainable variables set to the flat
+float64 vector ``x`` -- the value ``model.evaluate(x, y, batch_size=len(x))`` reports.
+
+Data larger than ``chunk_size`` rows is evaluated in fixed-size chunks inside one compiled
+graph (a sequential ``tf.while_loop``), so memory is bounded by the chunk. Each chunk's
+loss is weighted by its share of the rows; as the shares sum to one, data-independent
+terms (weight regularizers) count exactly once and per-sample means are reproduced
+exactly (Keras's default ``sum_over_batch_size`` reduction).
+
+Every callable sets the variables from its own ``x`` first, so calls may come in any
+order. Values and gradients are memoized on a copy of the last ``x``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import numpy as np
+import tensorflow as tf
+
+from . import _keras, checks
+from .flat import FlatVariables
+
+__all__ = [
+    "DEFAULT_CHUNK_SIZE",
+    "DEFAULT_MAX_HESSIAN_PARAMS",
+    "FullBatchObjective",
+    "HessianTooLargeError",
+    "check_hessian_size",
+]
+
+DEFAULT_CHUNK_SIZE = 65536
+DEFAULT_MAX_HESSIAN_PARAMS = 5000
+HVP_MODES = ("forward-over-reverse", "reverse-over-reverse")
+
+# Methods that need no dense Hessian; named in the refusal message.
+_HESSIAN_FREE = "trust-ncg, trust-krylov, Newton-CG (Hessian-vector products) or L-BFGS-B"
+
+
+class HessianTooLargeError(ValueError):
+    """The dense Hessian would not fit the configured limit."""
+
+
+def check_hessian_size(n: int, max_hessian_params: int) -> None:
+    """Refuse a dense ``n x n`` Hessian above the limit, saying what it would need."""
+    if n > max_hessian_params:
+        gib = n * n * 8 / 2**30
+        raise HessianTooLargeError(
+            f"A dense Hessian of {n} weights needs {n}x{n} float64 = {gib:.2f} GiB "
+            f"(limit: max_hessian_params={max_hessian_params}). Use a method that "
+            f"needs no dense Hessian -- {_HESSIAN_FREE} -- or raise max_hessian_params "
+            "if the memory and time (one HVP per weight) are acceptable."
+        )
+
+
+class FullBatchObjective:
+    """Keras's full-batch loss as a function of one float64 weight vector.
+
+    Parameters
+    ----------
+    model
+        A compiled Keras 3 (TensorFlow backend) or tf-keras model.
+    x, y, sample_weight
+        The whole training set, as accepted by ``model(x)`` and ``model.compute_loss``:
+        arrays, tensors, or lists/dicts of them for multi-input/-output models.
+    chunk_size
+        Rows per chunk inside the graph; bounds memory for large data.
+    jit_compile
+        Compile value/gradient/HVP with XLA. ``None`` follows the model's own
+        ``jit_compile`` (Keras 3 resolves ``"auto"`` at compile time).
+    hvp_mode
+        ``"forward-over-reverse"`` or ``"reverse-over-reverse"``; ``None`` picks
+        forward-over-reverse on Keras 3 and reverse-over-reverse on tf-keras (whose
+        Embedding fails under TensorFlow's forward mode).
+    max_hessian_params
+        Largest number of weights for which :meth:`hessian` builds a dense matrix.
+    deterministic
+        Accept stochastic layers (Dropout, noise), evaluated in inference mode.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        x: Any,
+        y: Any = None,
+        sample_weight: Any = None,
+        *,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        jit_compile: bool | None = None,
+        hvp_mode: str | None = None,
+        max_hessian_params: int = DEFAULT_MAX_HESSIAN_PARAMS,
+        deterministic: bool = False,
+    ) -> None:
+        checks.check_model(model, deterministic=deterministic)
+        if int(chunk_size) < 1:
+            raise ValueError(f"chunk_size must be a positive number of rows, got {chunk_size!r}")
+        if hvp_mode is None:
+            hvp_mode = HVP_MODES[1] if _keras.flavour(model) == "tf_keras" else HVP_MODES[0]
+        if hvp_mode not in HVP_MODES:
+            raise ValueError(f"Unknown hvp_mode {hvp_mode!r}; choose one of {HVP_MODES}")
+        self.model = model
+        self.chunk_size = int(chunk_size)
+        self.hvp_mode = hvp_mode
+        self.max_hessian_params = int(max_hessian_params)
+        self.jit_compile = _keras.model_jit_compile(model) if jit_compile is None else bool(jit_compile)
+        self.set_data(x, y, sample_weight)
+        checks.check_trainable(model)
+        self.flat = FlatVariables.from_variables(model.trainable_variables)
+        self._tf_vars = [_keras.tf_variable(v) for v in self.flat.variables]
+        self.traces: dict[str, int] = {"value": 0, "value_and_grad": 0, "hvp": 0, "hessian": 0}
+        self._value_fn = tf.function(self._graph_value, jit_compile=self.jit_compile)
+        self._value_and_grad_fn = tf.function(self._graph_value_and_grad, jit_compile=self.jit_compile)
+        self._hvp_fn = tf.function(self._graph_hvp, jit_compile=self.jit_compile)
+        self._hessian_fn = tf.function(self._graph_hessian)
+        self.reset_counters()
+
+    # ------------------------------------------------------------------ data
+    def set_data(self, x: Any, y: Any = None, sample_weight: Any = None) -> None:
+        """Hold a new training set in memory (validated; same shapes reuse the graphs)."""
+        data = _map_data(tf.convert_to_tensor, (x, y, sample_weight))
+        self.num_samples = checks.check_data(data)
+        self.data = data
+        n, c = self.num_samples, self.chunk_size
+        full, rest = divmod(n, c) if n > c else (0, n)
+        # head: (full, c, ...) chunks walked by a while_loop; tail: the remaining rows.
+        head = _map_data(lambda t: tf.reshape(t[: full * c], [full, c, *t.shape[1:]]), data) if full else None
+        tail = _map_data(lambda t: t[full * c :], data)
+        self._chunks = (head, tail)
+        self._weights = (c / n, rest / n)
+        self._warm_up(_map_data(lambda t: t[:1], data))
+        self._memo_x: np.ndarray | None = None
+        self.best_x: np.ndarray | None = None
+        self.best_value = math.inf
+
+    def _warm_up(self, batch: tuple[Any, Any, Any]) -> None:
+        # Builds the model and Keras's loss container eagerly, so no variable is ever
+        # created inside a traced function.
+        self._loss(batch)
+
+    # ------------------------------------------------------------ numpy API
+    @property
+    def size(self) -> int:
+        return self.flat.size
+
+    def reset_counters(self) -> None:
+        """Counts of compiled evaluations: values, gradients, HVPs, dense Hessians."""
+        self.nfev = self.ngev = self.nhvp = self.nhess = 0
+
+    def value(self, x: np.ndarray) -> float:
+        """Full-batch loss at ``x``."""
+        x = self.flat._check_vector(x)
+        if self._memo_hit(x):
+            return self._memo_f
+        self.nfev += 1
+        f = float(self._value_fn(_vec(x), *self._chunks))
+        self._remember(x, f, None)
+        return f
+
+    def gradient(self, x: np.ndarray) -> np.ndarray:
+        """Exact gradient at ``x`` (float64, a new array)."""
+        return self.value_and_grad(x)[1].copy()
+
+    def value_and_grad(self, x: np.ndarray) -> tuple[float, np.ndarray]:
+        """Loss and gradient at ``x`` from one compiled call (memoized on ``x``)."""
+        x = self.flat._check_vector(x)
+        if self._memo_hit(x) and self._memo_g is not None:
+            return self._memo_f, self._memo_g
+        self.nfev += 1
+        self.ngev += 1
+        f, g = self._value_and_grad_fn(_vec(x), *self._chunks)
+        f, g = float(f), g.numpy()
+        self._remember(x, f, g)
+        return f, g
+
+    def hessp(self, x: np.ndarray, p: np.ndarray) -> np.ndarray:
+        """Exact Hessian-vector product ``H(x) @ p`` by nested autodiff."""
+        x = self.flat._check_vector(x)
+        p = self.flat._check_vector(p)
+        self.nhvp += 1
+        f, g, hp = self._hvp_fn(_vec(x), _vec(p), *self._chunks)
+        if not (self._memo_hit(x) and self._memo_g is not None):
+            self._remember(x, float(f), g.numpy())
+        return hp.numpy()
+
+    def hessian(self, x: np.ndarray) -> np.ndarray:
+        """Dense symmetric Hessian at ``x``, shape ``(n, n)``; refused above ``max_hessian_params``."""
+        self.check_hessian_size()
+        x = self.flat._check_vector(x)
+        self.nhess += 1
+        return self._hessian_fn(_vec(x), *self._chunks).numpy()
+
+    def check_hessian_size(self) -> None:
+        check_hessian_size(self.size, self.max_hessian_params)
+
+    def set_weights(self, x: np.ndarray) -> None:
+        """Write ``x`` into the model's trainable variables."""
+        self.flat.write(self.flat._check_vector(x))
+
+    def _memo_hit(self, x: np.ndarray) -> bool:
+        return self._memo_x is not None and np.array_equal(x, self._memo_x)
+
+    def _remember(self, x: np.ndarray, f: float, g: np.ndarray | None) -> None:
+        self._memo_x, self._memo_f, self._memo_g = x.copy(), f, g
+        if math.isfinite(f) and f < self.best_value:
+            self.best_value, self.best_x = f, x.copy()
+
+    # ---------------------------------------------------------------- graphs
+    def _loss(self, batch: tuple[Any, Any, Any]) -> tf.Tensor:
+        x, y, sample_weight = batch
+        y_pred = self.model(x, training=False)
+        loss = self.model.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight)
+        return tf.cast(loss, tf.float64)
+
+    def _assign(self, x: tf.Tensor) -> None:
+        for var, value in zip(self._tf_vars, self.flat.split(x)):
+            var.assign(value)
+
+    def _over_chunks(self, head: Any, tail: Any, chunk_fn: Callable[[Any, float], tuple]) -> tuple:
+        """Sum ``chunk_fn(chunk, weight)`` over all chunks (sequentially, memory-bounded)."""
+        head_weight, tail_weight = self._weights
+        total = chunk_fn(tail, tail_weight) if tail_weight else None
+        if head is None:
+            return total
+        count = tf.shape(next(t for t in tf.nest.flatten(head) if t is not None))[0]
+
+        def body(i, acc):
+            chunk = _map_data(lambda t: tf.gather(t, i), head)
+            return i + 1, tuple(a + b for a, b in zip(acc, chunk_fn(chunk, head_weight)))
+
+        zeros = tuple(tf.zeros_like(t) for t in total) if total is not None else None
+        if zeros is None:  # no tail: trace one chunk for the shapes, start from zero
+            first = chunk_fn(_map_data(lambda t: t[0], head), head_weight)
+            _, acc = tf.while_loop(lambda i, _: i < count, body, (tf.constant(1), first), parallel_iterations=1)
+            return acc
+        _, acc = tf.while_loop(lambda i, _: i < count, body, (tf.constant(0), zeros), parallel_iterations=1)
+        return tuple(a + b for a, b in zip(acc, total))
+
+    def _chunk_value(self, chunk: Any, weight: float) -> tuple:
+        return (weight * self._loss(chunk),)
+
+    def _chunk_value_and_grad(self, chunk: Any, weight: float) -> tuple:
+        with tf.GradientTape(watch_accessed_variables=False) as tape:
+            tape.watch(self._tf_vars)
+            loss = weight * self._loss(chunk)
+        grads = tape.gradient(loss, self._tf_vars, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        return loss, self.flat.concat(grads)
+
+    def _chunk_hvp(self, chunk: Any, weight: float, p: tf.Tensor) -> tuple:
+        if self.hvp_mode == "forward-over-reverse":
+            with tf.autodiff.ForwardAccumulator(self._tf_vars, self.flat.split(p)) as acc:
+                loss, grad = self._chunk_value_and_grad(chunk, weight)
+            hp = acc.jvp(grad, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            return loss, grad, hp
+        with tf.GradientTape(watch_accessed_variables=False) as outer:
+            outer.watch(self._tf_vars)
+            loss, grad = self._chunk_value_and_grad(chunk, weight)
+            grad_dot_p = tf.reduce_sum(grad * p)
+        hp = outer.gradient(grad_dot_p, self._tf_vars, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        return loss, grad, self.flat.concat(hp)
+
+    def _graph_value(self, x, head, tail):
+        self.traces["value"] += 1
+        self._assign(x)
+        return self._over_chunks(head, tail, self._chunk_value)[0]
+
+    def _graph_value_and_grad(self, x, head, tail):
+        self.traces["value_and_grad"] += 1
+        self._assign(x)
+        return self._over_chunks(head, tail, self._chunk_value_and_grad)
+
+    def _hvp_at_current_weights(self, p, head, tail):
+        return self._over_chunks(head, tail, lambda chunk, w: self._chunk_hvp(chunk, w, p))
+
+    def _graph_hvp(self, x, p, head, tail):
+        self.traces["hvp"] += 1
+        self._assign(x)
+        return self._hvp_at_current_weights(p, head, tail)
+
+    def _graph_hessian(self, x, head, tail):
+        # One HVP per unit vector in a sequential loop: memory stays at one HVP plus H.
+        self.traces["hessian"] += 1
+        self._assign(x)
+        n = self.flat.size
+        rows = tf.map_fn(
+            lambda e: self._hvp_at_current_weights(e, head, tail)[2],
+            tf.eye(n, dtype=tf.float64),
+            parallel_iterations=1,
+            fn_output_signature=tf.float64,
+        )
+        return 0.5 * (rows + tf.transpose(rows))
+
+
+def _map_data(fn: Callable[[Any], Any], data: Any) -> Any:
+    """Apply ``fn`` to every tensor of a data structure, keeping ``None`` (no y, no weights)."""
+    return tf.nest.map_structure(lambda t: None if t is None else fn(t), data)
+
+
+def _vec(x: np.ndarray) -> tf.Tensor:
+    return tf.convert_to_tensor(x, dtype=tf.float64)

@@ -1,0 +1,329 @@
+"""``make_train_function``: one full-batch ``scipy.optimize.minimize`` run per ``fit`` epoch.
+
+Usage, as with keras-opt::
+
+    from keras_opt_ref import scipy_optimizer
+    model.compile(loss="mse")
+    model.train_function = scipy_optimizer.make_train_function(model, method="trust-ncg", maxiter=20)
+    history = model.fit(X, y)
+
+Data path: Keras's ``fit`` calls ``train_function(iterator)`` once per step, the iterator
+spanning the epoch. The first call of an epoch drains the iterator into memory (whatever
+``batch_size`` or data source ``fit`` was given), runs one optimization over the full data
+set and returns the logs; later calls in the same epoch return those logs without work.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+import warnings
+from typing import Any
+
+import numpy as np
+import scipy.optimize
+import tensorflow as tf
+
+from . import _keras, checks, methods
+from .objective import (
+    DEFAULT_CHUNK_SIZE,
+    DEFAULT_MAX_HESSIAN_PARAMS,
+    FullBatchObjective,
+    check_hessian_size,
+)
+
+__all__ = ["METHODS", "ScipyTrainFunction", "make_train_function"]
+
+METHODS = methods.METHOD_NAMES
+
+
+class ScipyTrainFunction:
+    """A ``model.train_function`` that minimizes the full-batch loss with scipy.
+
+    Attributes
+    ----------
+    result : scipy.optimize.OptimizeResult or None
+        The last run's result (``x``, ``fun``, ``success``, ``message``, counts).
+    results : list of OptimizeResult
+        One per epoch run so far.
+    objective : FullBatchObjective or None
+        The objective (created on the first call).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        method: str = "CG",
+        maxiter: int | None = None,
+        verbose: int = 0,
+        *,
+        bounds: Any = None,
+        tol: float | None = None,
+        deterministic: bool = False,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        jit_compile: bool | None = None,
+        hvp_mode: str | None = None,
+        max_hessian_params: int = DEFAULT_MAX_HESSIAN_PARAMS,
+        **options: Any,
+    ) -> None:
+        checks.check_model(model, deterministic=deterministic)
+        self.model = model
+        self.method = methods.resolve_method(method)
+        self.options = methods.solver_options(self.method, maxiter, options)
+        if bounds is not None and not self.method.bounds:
+            raise ValueError(
+                f"Method {self.method.name!r} ignores bounds; use one that honours them: "
+                f"{[m.name for m in methods.METHODS if m.bounds]}"
+            )
+        self.bounds = bounds
+        self.tol = tol
+        self.verbose = int(verbose)
+        self._objective_kwargs = dict(
+            chunk_size=chunk_size,
+            jit_compile=jit_compile,
+            hvp_mode=hvp_mode,
+            max_hessian_params=max_hessian_params,
+            deterministic=deterministic,
+        )
+        self.objective: FullBatchObjective | None = None
+        self.result: scipy.optimize.OptimizeResult | None = None
+        self.results: list[scipy.optimize.OptimizeResult] = []
+        self._iterator: Any = None
+        self._batches_in_epoch = 0
+        self._calls_in_epoch = 0
+        self._logs: dict[str, Any] = {}
+        if model.built:
+            checks.check_trainable(model)
+            if self.method.uses_dense_hessian:
+                n = sum(int(np.prod(v.shape)) for v in model.trainable_variables)
+                check_hessian_size(n, max_hessian_params)
+
+    # ------------------------------------------------------------- Keras side
+    def __call__(self, iterator: Any) -> dict[str, Any]:
+        if iterator is self._iterator and self._calls_in_epoch < self._batches_in_epoch:
+            # Same epoch: Keras calls once per step; the work is done.
+            self._calls_in_epoch += 1
+            return self._logs
+        if iterator is self._iterator:
+            # Data of unknown size: tell Keras the epoch is over, as its own step would.
+            next(iterator)
+        batches = self._drain(iterator)
+        self._iterator, self._batches_in_epoch, self._calls_in_epoch = iterator, len(batches), 1
+        data = _concatenate([_keras.unpack_x_y_sample_weight(self.model, b) for b in batches])
+        self._logs = self.run(*data)
+        return self._logs
+
+    @staticmethod
+    def _drain(iterator: Any) -> list[Any]:
+        batches = []
+        while True:
+            try:
+                batches.append(next(iterator))
+            except (StopIteration, tf.errors.OutOfRangeError):
+                return batches
+
+    # ------------------------------------------------------------- scipy side
+    def run(self, x: Any, y: Any = None, sample_weight: Any = None) -> dict[str, Any]:
+        """One optimization over ``(x, y, sample_weight)``; returns the epoch's logs."""
+        objective = self._objective_for(x, y, sample_weight)
+        if self.method.uses_dense_hessian:
+            objective.check_hessian_size()
+        flat = objective.flat
+        self._warn_unenforced_constraints(flat)
+        bounds = methods.scipy_bounds(self.bounds, flat) if self.method.bounds else None
+        x0 = flat.read()
+        if bounds is not None:
+            clipped = np.clip(x0, bounds.lb, bounds.ub)
+            if not np.array_equal(clipped, x0):
+                warnings.warn("Initial weights outside the bounds were clipped into them.", UserWarning, stacklevel=2)
+            x0 = clipped
+        objective.reset_counters()
+        objective.best_x, objective.best_value = None, math.inf
+        progress = _Progress(self, objective)
+        kwargs: dict[str, Any] = dict(method=self.method.name, tol=self.tol, callback=progress, options=self.options)
+        if self.method.jac:
+            kwargs.update(fun=objective.value_and_grad, jac=True)
+        else:
+            kwargs.update(fun=objective.value)
+        if self.method.hess == "hessp":
+            kwargs["hessp"] = objective.hessp
+        elif self.method.hess == "hess":
+            kwargs["hess"] = objective.hessian
+        if bounds is not None:
+            kwargs["bounds"] = bounds
+        progress.start()
+        try:
+            result = scipy.optimize.minimize(x0=x0, **kwargs)
+        except BaseException as exc:  # KeyboardInterrupt included: keep the best point, then re-raise
+            self._finish(objective, _failed_result(objective, x0, exc), x0, progress)
+            raise
+        return self._finish(objective, result, x0, progress)
+
+    def _objective_for(self, x: Any, y: Any, sample_weight: Any) -> FullBatchObjective:
+        if self.objective is None:
+            self.objective = FullBatchObjective(self.model, x, y, sample_weight, **self._objective_kwargs)
+        else:
+            self.objective.set_data(x, y, sample_weight)
+        return self.objective
+
+    def _finish(
+        self, objective: FullBatchObjective, result: Any, x0: np.ndarray, progress: _Progress
+    ) -> dict[str, Any]:
+        fun = float(result.get("fun", math.nan))
+        best_x, best_value = objective.best_x, objective.best_value
+        if not (math.isfinite(fun) and (best_x is None or fun <= best_value)):
+            # scipy's point is non-finite or worse than one already seen: keep the best
+            # finite point, or the start if no evaluation was finite.
+            where = "the best point found" if best_x is not None else "its starting weights"
+            result.x, result.fun = (best_x.copy(), best_value) if best_x is not None else (x0, math.nan)
+            result.message = (
+                f"{result.get('message', '')} -- model left at {where} "
+                f"(loss {result.fun:.6g}; scipy's returned loss {fun:.6g})"
+            ).strip(" -")
+        objective.set_weights(result.x)
+        for key in ("nit", "nfev", "njev", "nhev"):
+            result[key] = int(result.get(key, 0) or 0)
+        self.result = result
+        self.results.append(result)
+        progress.stop(result)
+        logs: dict[str, Any] = {"loss": float(result.fun)}
+        logs.update(self._metrics(objective))
+        logs.update({key: result[key] for key in ("nit", "nfev", "njev", "nhev")})
+        return logs
+
+    def _metrics(self, objective: FullBatchObjective) -> dict[str, float]:
+        config = self.model.get_compile_config() or {}
+        if not (config.get("metrics") or config.get("weighted_metrics")):
+            return {}
+        x, y, sample_weight = objective.data
+        values = self.model.evaluate(
+            x, y, sample_weight=sample_weight, batch_size=objective.chunk_size, verbose=0, return_dict=True
+        )
+        return {k: float(v) for k, v in values.items() if k != "loss"}
+
+    def _warn_unenforced_constraints(self, flat: Any) -> None:
+        constrained = methods.constrained_variables(flat)
+        unenforced = {
+            flat.names[i]: name
+            for i, name in constrained.items()
+            if not (name == "NonNeg" and self.method.bounds)
+        }
+        if unenforced:
+            warnings.warn(
+                f"Keras constraints {unenforced} are not enforced by method {self.method.name!r}. "
+                "NonNeg becomes a lower bound of 0 with a bounded method "
+                f"({[m.name for m in methods.METHODS if m.bounds]}); others are not applied.",
+                UserWarning,
+                stacklevel=3,
+            )
+
+
+def make_train_function(
+    model: Any,
+    method: str = "CG",
+    maxiter: int | None = None,
+    verbose: int = 0,
+    **options: Any,
+) -> ScipyTrainFunction:
+    """Make a ``model.train_function`` that runs ``scipy.optimize.minimize`` once per epoch.
+
+    Parameters
+    ----------
+    model
+        A compiled Keras 3 (TensorFlow backend) or tf-keras model.
+    method
+        Any ``scipy.optimize.minimize`` method, case-insensitive (see ``METHODS``).
+        Default ``"CG"`` as in keras-opt.
+    maxiter
+        Iteration limit per epoch (``maxfun`` for TNC); ``None`` keeps scipy's default.
+    verbose
+        1 prints one line per iteration (loss, gradient norm, evaluations) and the stop
+        reason; 0 prints nothing.
+    **options
+        scipy solver options (``gtol=``, ``maxcor=``, ...), plus ``bounds=`` (one
+        ``(lo, hi)`` pair, a dict per variable name, or a list per variable), ``tol=``,
+        and the objective's settings ``deterministic=``, ``chunk_size=``,
+        ``jit_compile=``, ``hvp_mode=``, ``max_hessian_params=``. Options the method
+        does not use are dropped with a warning.
+
+    Returns
+    -------
+    ScipyTrainFunction
+        Assign it to ``model.train_function`` (after ``compile``). Its ``result`` holds
+        the last ``OptimizeResult``.
+    """
+    return ScipyTrainFunction(model, method, maxiter, verbose, **options)
+
+
+class _Progress:
+    """scipy callback: per-iteration line when verbose, and the stop reason."""
+
+    def __init__(self, owner: ScipyTrainFunction, objective: FullBatchObjective) -> None:
+        self.owner, self.objective = owner, objective
+        self.iteration = 0
+        self.started = 0.0
+
+    def start(self) -> None:
+        self.started = time.perf_counter()
+        if self.owner.verbose:
+            obj = self.objective
+            _print(
+                f"scipy {self.owner.method.name}: {obj.size} weights, {obj.num_samples} samples\n"
+                f"{'iter':>6} {'loss':>14} {'|grad|':>10} {'nfev':>6} {'nhvp':>6}"
+            )
+
+    def __call__(self, intermediate_result: Any) -> None:
+        self.iteration += 1
+        if not self.owner.verbose:
+            return
+        if isinstance(intermediate_result, scipy.optimize.OptimizeResult):
+            x, fun = intermediate_result.x, intermediate_result.get("fun")
+        else:  # TNC, SLSQP and COBYLA pass only x
+            x, fun = intermediate_result, None
+        obj = self.objective
+        grad_norm = math.nan
+        if obj._memo_hit(np.asarray(x, dtype=np.float64)):
+            fun = obj._memo_f if fun is None else fun
+            if obj._memo_g is not None:
+                grad_norm = float(np.linalg.norm(obj._memo_g))
+        fun = math.nan if fun is None else float(fun)
+        _print(f"{self.iteration:>6} {fun:>14.8g} {grad_norm:>10.3e} {obj.nfev:>6} {obj.nhvp:>6}")
+
+    def stop(self, result: Any) -> None:
+        if self.owner.verbose:
+            _print(
+                f"{self.owner.method.name} stopped: {result.get('message', '')} "
+                f"(loss {float(result.fun):.8g}, nit={result['nit']}, nfev={result['nfev']}, "
+                f"njev={result['njev']}, nhev={result['nhev']}, {time.perf_counter() - self.started:.3f} s)"
+            )
+
+
+def _print(text: str) -> None:
+    print(text, file=sys.stdout, flush=True)
+
+
+def _failed_result(objective: FullBatchObjective, x0: np.ndarray, exc: BaseException) -> scipy.optimize.OptimizeResult:
+    return scipy.optimize.OptimizeResult(
+        x=x0,
+        fun=math.nan,
+        success=False,
+        status=-1,
+        message=f"stopped by {type(exc).__name__}: {exc}",
+        nit=0,
+        nfev=objective.nfev,
+        njev=objective.ngev,
+        nhev=objective.nhvp + objective.nhess,
+    )
+
+
+def _concatenate(batches: list[tuple[Any, Any, Any]]) -> tuple[Any, Any, Any]:
+    if not batches:
+        raise ValueError(
+            "fit gave no training data for this epoch (the data source yielded no batch); "
+            "pass a non-empty training set."
+        )
+    if len(batches) == 1:
+        return batches[0]
+    return tf.nest.map_structure(lambda *parts: None if parts[0] is None else tf.concat(parts, axis=0), *batches)
+
