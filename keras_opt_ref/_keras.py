@@ -9,6 +9,7 @@ mended here.
 from __future__ import annotations
 
 import importlib
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,6 +17,7 @@ import tensorflow as tf
 
 __all__ = [
     "STOCHASTIC_LAYERS",
+    "default_keras",
     "flavour",
     "is_compiled",
     "iter_layers",
@@ -47,6 +49,12 @@ STOCHASTIC_LAYERS = frozenset(
         "RandomCrop",
     }
 )
+
+
+def default_keras():
+    """The Keras TensorFlow itself would use: tf-keras when ``TF_USE_LEGACY_KERAS`` is set."""
+    legacy = os.environ.get("TF_USE_LEGACY_KERAS", "").lower() in ("1", "true", "yes")
+    return importlib.import_module("tf_keras" if legacy else "keras")
 
 
 def flavour(model: Any) -> str:

@@ -1,0 +1,69 @@
+"""``keras-opt-ref``: train the README's examples with several methods and print a table."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Sequence
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+DEMO_REGRESSION_METHODS = ("CG", "BFGS", "L-BFGS-B", "Newton-CG", "trust-ncg", "trust-krylov", "trust-exact")
+DEMO_FACTORIZATION_METHODS = ("L-BFGS-B", "CG", "Newton-CG", "trust-ncg", "trust-krylov")
+
+
+def demo(maxiter: int = 200) -> int:
+    """Fit the README regression and a small factorization; print method, loss, nit, nfev, seconds."""
+    from . import _keras, scipy_optimizer, workloads
+
+    keras = _keras.default_keras()
+    X, y = workloads.readme_regression()
+    fact = workloads.factorization_data(*workloads.FACTORIZATION_SIZES["tiny"])
+    rows = []
+
+    def run(name, build, x, y, method):
+        model = build()
+        model.compile(loss="mse")
+        model.train_function = scipy_optimizer.make_train_function(model, method=method, maxiter=maxiter)
+        start = time.perf_counter()
+        history = model.fit(x, y, verbose=0)
+        seconds = time.perf_counter() - start
+        h = history.history
+        rows.append((name, method, h["loss"][-1], int(h["nit"][-1]), int(h["nfev"][-1]), seconds))
+        return model
+
+    for method in DEMO_REGRESSION_METHODS:
+        model = run("regression", lambda: workloads.linear_model(keras, 4, use_bias=False), X, y, method)
+    weights = model.get_weights()[0].ravel()
+    for method in DEMO_FACTORIZATION_METHODS:
+        run(
+            "factorization",
+            lambda: workloads.factorization_model(keras, fact.n_users, fact.n_items),
+            fact.x,
+            fact.ratings,
+            method,
+        )
+    print(f"keras flavour: {keras.__name__} {keras.__version__}")
+    print(f"{'workload':<14} {'method':<13} {'final loss':>12} {'nit':>5} {'nfev':>5} {'seconds':>8}")
+    for name, method, loss, nit, nfev, seconds in rows:
+        print(f"{name:<14} {method:<13} {loss:>12.4e} {nit:>5} {nfev:>5} {seconds:>8.2f}")
+    print(f"regression weights ({DEMO_REGRESSION_METHODS[-1]}): {weights.round(6).tolist()} (true: [1, 2, 3, 4])")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="keras-opt-ref", description=__doc__)
+    sub = parser.add_subparsers(dest="command")
+    demo_parser = sub.add_parser("demo", help="train the README examples (the default)")
+    demo_parser.add_argument("--maxiter", type=int, default=200)
+    args = parser.parse_args(argv)
+    if args.command in (None, "demo"):
+        return demo(getattr(args, "maxiter", 200))
+    parser.error(f"unknown command {args.command!r}")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
