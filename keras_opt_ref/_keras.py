@@ -18,6 +18,8 @@ import tensorflow as tf
 __all__ = [
     "STOCHASTIC_LAYERS",
     "default_keras",
+    "fit_steps_per_epoch",
+    "steps_per_execution",
     "flavour",
     "is_compiled",
     "iter_layers",
@@ -103,6 +105,28 @@ def variable_name(variable: Any) -> str:
     if isinstance(path, str):
         return path
     return variable.name.split(":")[0]
+
+
+def fit_steps_per_epoch(model: Any) -> int | None:
+    """Batches per epoch of the running ``fit`` (``None`` if unknown, e.g. a generator).
+
+    Both Keras flavours point ``model.history`` at the fit's History callback when fit
+    starts and give it ``params["steps"]``. tf-keras feeds arrays from one iterator over
+    a repeated dataset, so this count is the only way to know where an epoch ends.
+    """
+    params = getattr(getattr(model, "history", None), "params", None) or {}
+    steps = params.get("steps")
+    return int(steps) if steps else None
+
+
+def steps_per_execution(model: Any) -> int:
+    """Batches Keras feeds per train_function call (Keras 3 attribute; tf-keras variable)."""
+    spe = getattr(model, "steps_per_execution", None)
+    if spe is None:
+        spe = getattr(model, "_steps_per_execution", None)
+    if hasattr(spe, "numpy"):
+        spe = spe.numpy()
+    return max(1, int(spe or 1))
 
 
 def unpack_x_y_sample_weight(model: Any, data: Any) -> tuple[Any, Any, Any]:

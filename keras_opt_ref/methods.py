@@ -91,7 +91,7 @@ def solver_options(method: Method, maxiter: int | None, options: Mapping[str, An
             f"Option(s) {unused} are not used by method {method.name!r} and were ignored; "
             f"it uses: {sorted(method.options)}",
             UserWarning,
-            stacklevel=3,
+            stacklevel=4,  # the caller of make_train_function
         )
     return {k: v for k, v in options.items() if k in method.options}
 

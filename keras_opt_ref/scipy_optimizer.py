@@ -90,8 +90,7 @@ class ScipyTrainFunction:
         self.result: scipy.optimize.OptimizeResult | None = None
         self.results: list[scipy.optimize.OptimizeResult] = []
         self._iterator: Any = None
-        self._batches_in_epoch = 0
-        self._calls_in_epoch = 0
+        self._calls_left = 0
         self._logs: dict[str, Any] = {}
         if model.built:
             checks.check_trainable(model)
@@ -101,27 +100,23 @@ class ScipyTrainFunction:
 
     # ------------------------------------------------------------- Keras side
     def __call__(self, iterator: Any) -> dict[str, Any]:
-        if iterator is self._iterator and self._calls_in_epoch < self._batches_in_epoch:
-            # Same epoch: Keras calls once per step; the work is done.
-            self._calls_in_epoch += 1
-            return self._logs
+        steps = _keras.fit_steps_per_epoch(self.model)
+        first = []
         if iterator is self._iterator:
-            # Data of unknown size: tell Keras the epoch is over, as its own step would.
-            next(iterator)
-        batches = self._drain(iterator)
-        self._iterator, self._batches_in_epoch, self._calls_in_epoch = iterator, len(batches), 1
+            if self._calls_left > 0:
+                # Same epoch: Keras calls once per step; the work is done.
+                self._calls_left -= 1
+                return self._logs
+            if steps is None:
+                # Data of unknown size was drained: this raises StopIteration, which ends
+                # Keras's epoch as its own step would.
+                first = [next(iterator)]
+        batches = first + _take(iterator, None if steps is None else steps - len(first))
+        self._iterator = iterator
+        self._calls_left = math.ceil(steps / _keras.steps_per_execution(self.model)) - 1 if steps else 0
         data = _concatenate([_keras.unpack_x_y_sample_weight(self.model, b) for b in batches])
         self._logs = self.run(*data)
         return self._logs
-
-    @staticmethod
-    def _drain(iterator: Any) -> list[Any]:
-        batches = []
-        while True:
-            try:
-                batches.append(next(iterator))
-            except (StopIteration, tf.errors.OutOfRangeError):
-                return batches
 
     # ------------------------------------------------------------- scipy side
     def run(self, x: Any, y: Any = None, sample_weight: Any = None) -> dict[str, Any]:
@@ -182,6 +177,8 @@ class ScipyTrainFunction:
                 f"(loss {result.fun:.6g}; scipy's returned loss {fun:.6g})"
             ).strip(" -")
         objective.set_weights(result.x)
+        # What the model holds (x rounded to the variables' dtype; f was computed from it).
+        result.x = objective.flat.read()
         for key in ("nit", "nfev", "njev", "nhev"):
             result[key] = int(result.get(key, 0) or 0)
         self.result = result
@@ -197,9 +194,14 @@ class ScipyTrainFunction:
         if not (config.get("metrics") or config.get("weighted_metrics")):
             return {}
         x, y, sample_weight = objective.data
-        values = self.model.evaluate(
-            x, y, sample_weight=sample_weight, batch_size=objective.chunk_size, verbose=0, return_dict=True
-        )
+        history = getattr(self.model, "history", None)
+        try:
+            values = self.model.evaluate(
+                x, y, sample_weight=sample_weight, batch_size=objective.chunk_size, verbose=0, return_dict=True
+            )
+        finally:
+            # tf-keras's evaluate installs its own History on the model; fit returns model.history.
+            self.model.history = history
         return {k: float(v) for k, v in values.items() if k != "loss"}
 
     def _warn_unenforced_constraints(self, flat: Any) -> None:
@@ -315,6 +317,17 @@ def _failed_result(objective: FullBatchObjective, x0: np.ndarray, exc: BaseExcep
         njev=objective.ngev,
         nhev=objective.nhvp + objective.nhess,
     )
+
+
+def _take(iterator: Any, count: int | None) -> list[Any]:
+    """Up to ``count`` batches from a Keras data iterator (all that remain if ``None``)."""
+    batches = []
+    while count is None or len(batches) < count:
+        try:
+            batches.append(next(iterator))
+        except (StopIteration, tf.errors.OutOfRangeError):
+            break
+    return batches
 
 
 def _concatenate(batches: list[tuple[Any, Any, Any]]) -> tuple[Any, Any, Any]:

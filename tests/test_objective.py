@@ -164,3 +164,43 @@ def test_sample_weights_through_fit(keras):
     history = model.fit(X, y, sample_weight=sw, batch_size=16, verbose=0)
     want = float(model.evaluate(X, y, sample_weight=sw, batch_size=50, verbose=0))
     np.testing.assert_allclose(history.history["loss"][-1], want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("source", ["arrays", "tf.data", "sequence", "steps_per_epoch"])
+def test_every_epoch_sees_the_whole_training_set_once(keras, source):
+    """tf-keras feeds arrays from one iterator over a repeated dataset: epochs must not blur."""
+    X, y = regression(n=50)
+    base = getattr(keras.utils, "PyDataset", None) or keras.utils.Sequence
+
+    class Batches(base):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return X[i * 16 : (i + 1) * 16], y[i * 16 : (i + 1) * 16]
+
+    fit_args = {
+        "arrays": ((X, y), dict(batch_size=16)),
+        "tf.data": ((tf.data.Dataset.from_tensor_slices((X, y)).batch(16),), {}),
+        "sequence": ((Batches(),), {}),
+        "steps_per_epoch": ((tf.data.Dataset.from_tensor_slices((X, y)).batch(10).repeat(),), dict(steps_per_epoch=5)),
+    }[source]
+    model = small_mlp(keras)
+    model.compile(loss="mse")
+    train = scipy_optimizer.make_train_function(model, method="L-BFGS-B", maxiter=3)
+    seen = []
+    original = train.run
+
+    def recording_run(x, y=None, sample_weight=None):
+        seen.append(np.sort(np.asarray(x, dtype=np.float32)[:, 0]))
+        return original(x, y, sample_weight)
+
+    train.run = recording_run
+    model.train_function = train
+    history = model.fit(*fit_args[0], epochs=3, verbose=0, **fit_args[1])
+    assert len(seen) == 3, f"{len(seen)} optimizations for 3 epochs"
+    assert len(history.history["loss"]) == 3
+    for samples in seen:
+        np.testing.assert_array_equal(
+            samples, np.sort(X[:, 0].astype(np.float32)), err_msg="an epoch's objective must cover each sample once"
+        )

@@ -1,0 +1,247 @@
+"""make_train_function through model.fit: methods, history, callbacks, verbose, bounds."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import scipy.optimize
+from conftest import full_batch_loss, regression, small_mlp
+
+from keras_opt_ref import METHODS, scipy_optimizer, workloads
+from keras_opt_ref.methods import METHODS as METHOD_TABLE
+from keras_opt_ref.methods import resolve_method
+
+GRADIENT_METHODS = [m.name for m in METHOD_TABLE if m.jac]
+# Iteration budgets and tolerances for the README regression. Methods whose default
+# stopping rule is loose get a tighter one; this is about their reaching the optimum.
+README_SETTINGS = {
+    "TNC": dict(maxiter=500, ftol=1e-14, gtol=1e-10),
+    "SLSQP": dict(maxiter=200, ftol=1e-14),
+    "CG": dict(maxiter=100, gtol=1e-9),
+    "BFGS": dict(maxiter=100, gtol=1e-9),
+    "L-BFGS-B": dict(maxiter=100, ftol=1e-15, gtol=1e-10),
+}
+
+
+def _readme_model(keras):
+    model = workloads.linear_model(keras, 4, use_bias=False)
+    model.compile(loss="mse")
+    return model
+
+
+@pytest.mark.parametrize("method", GRADIENT_METHODS)
+def test_readme_regression_every_gradient_method(keras, method):
+    X, y = workloads.readme_regression()
+    model = _readme_model(keras)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no scipy warning about unused jac/hess/hessp or options
+        model.train_function = scipy_optimizer.make_train_function(
+            model, method=method, **README_SETTINGS.get(method, dict(maxiter=100))
+        )
+        model.fit(X, y, verbose=0)
+    np.testing.assert_allclose(model.get_weights()[0].ravel(), [1, 2, 3, 4], atol=1e-3, err_msg=method)
+
+
+def test_readme_usage_lines(keras):
+    """The three keras-opt usage lines, verbatim but for the import."""
+    X, y = workloads.readme_regression()
+    for kwargs in (
+        dict(maxiter=20),
+        dict(method="trust-ncg", maxiter=20),
+        dict(method="trust-ncg", maxiter=100, gtol=1e-5, xtol=1e-8),
+    ):
+        model = _readme_model(keras)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model.train_function = scipy_optimizer.make_train_function(model, **kwargs)
+        if "xtol" in kwargs:
+            assert any("xtol" in str(w.message) and "gtol" in str(w.message) for w in caught), (
+                "an option trust-ncg does not use must be reported, naming the ones it uses"
+            )
+        model.fit(X, y, verbose=0)
+        np.testing.assert_allclose(model.get_weights()[0].ravel(), [1, 2, 3, 4], atol=1e-3, err_msg=str(kwargs))
+    assert model.train_function.method.name == "trust-ncg"
+
+
+def test_default_method_is_cg_and_names_are_case_insensitive(keras):
+    model = _readme_model(keras)
+    assert scipy_optimizer.make_train_function(model).method.name == "CG"
+    assert scipy_optimizer.make_train_function(model, method="l-bfgs-b").method.name == "L-BFGS-B"
+    assert scipy_optimizer.make_train_function(model, method="TRUST-KRYLOV").method.name == "trust-krylov"
+    assert set(METHODS) == {m.name for m in METHOD_TABLE} and len(METHODS) == 15
+
+
+@pytest.mark.parametrize("method", [m.name for m in METHOD_TABLE])
+def test_each_method_gets_exactly_its_derivatives(keras, method, monkeypatch):
+    seen = {}
+    real = scipy.optimize.minimize
+
+    def spy(fun, x0, **kwargs):
+        seen.update(kwargs)
+        return real(fun, x0, **kwargs)
+
+    monkeypatch.setattr(scipy.optimize, "minimize", spy)
+    X, y = workloads.readme_regression()
+    model = _readme_model(keras)
+    start_loss = full_batch_loss(model, X, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.train_function = scipy_optimizer.make_train_function(model, method=method, maxiter=10)
+        history = model.fit(X, y, verbose=0)
+    spec = resolve_method(method)
+    assert (seen.get("jac") is True) == spec.jac, "gradient handed over iff the method uses it"
+    assert ("hessp" in seen) == (spec.hess == "hessp")
+    assert ("hess" in seen) == (spec.hess == "hess")
+    assert history.history["loss"][-1] <= start_loss * (1 + 1e-12), "ended above the starting loss"
+
+
+def test_solver_options_match_scipy(keras):
+    """Every option in the table is one scipy accepts for that method (no 'Unknown solver options')."""
+    fun = scipy.optimize.rosen
+    for method in METHOD_TABLE:
+        for option in sorted(method.options - {"disp", "iprint", "verbose", "return_all", "workers"}):
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                try:
+                    scipy.optimize.minimize(
+                        fun, np.zeros(2), method=method.name, jac=scipy.optimize.rosen_der if method.jac else None,
+                        hess=scipy.optimize.rosen_hess if method.hess else None, options={option: None},
+                    )
+                except Exception:  # a None value may be invalid; only the unknown-option warning matters
+                    pass
+            unknown = [w for w in caught if "Unknown solver options" in str(w.message)]
+            assert not unknown, f"{method.name}: scipy does not know option {option!r}"
+
+
+def test_history_metrics_validation_and_counts(keras):
+    X, y = regression(n=60)
+    Xv, yv = regression(n=20, seed=7)
+    model = small_mlp(keras)
+    model.compile(loss="mse", metrics=["mae"])
+    model.train_function = scipy_optimizer.make_train_function(model, method="L-BFGS-B", maxiter=15)
+    history = model.fit(X, y, epochs=3, batch_size=16, validation_data=(Xv, yv), verbose=0)
+    h = history.history
+    for key in ("loss", "mae", "val_loss", "val_mae", "nit", "nfev", "njev", "nhev"):
+        assert key in h and len(h[key]) == 3, (key, h.keys())
+    assert h["loss"][2] <= h["loss"][0]
+    assert all(0 < nit <= 15 for nit in h["nit"])
+    result = model.train_function.result
+    assert isinstance(result, scipy.optimize.OptimizeResult) and "success" in result and "message" in result
+    assert len(model.train_function.results) == 3
+    assert h["nfev"][-1] == result.nfev and h["nit"][-1] == result.nit
+    # Final logs describe the model as it is after fit.
+    np.testing.assert_allclose(h["loss"][-1], full_batch_loss(model, X, y), rtol=1e-6)
+    mae = float(np.mean(np.abs(model.predict(X, verbose=0) - y)))
+    np.testing.assert_allclose(h["mae"][-1], mae, rtol=1e-5)
+    np.testing.assert_allclose(h["val_loss"][-1], full_batch_loss(model, Xv, yv), rtol=1e-5)
+    np.testing.assert_array_equal(model.train_function.objective.flat.read(), result.x)
+
+
+def test_one_optimization_per_epoch_and_no_extra_work(keras):
+    X, y = regression(n=50)
+    model = small_mlp(keras)
+    model.compile(loss="mse")
+    train = scipy_optimizer.make_train_function(model, method="BFGS", maxiter=10)
+    model.train_function = train
+    calls = []
+    original = train.run
+
+    def counting_run(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    train.run = counting_run
+    seen_logs = []
+    cb = _callback(keras, seen_logs)
+    model.fit(X, y, epochs=2, batch_size=8, verbose=0, callbacks=[cb])
+    assert len(calls) == 2, "one optimization per epoch, whatever the number of steps"
+    assert [logs["nit"] for logs in seen_logs] == [r.nit for r in train.results]
+    assert all("loss" in logs and "nfev" in logs for logs in seen_logs)
+
+
+def _callback(keras, sink):
+    class Record(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            sink.append(dict(logs))
+
+    return Record()
+
+
+def test_non_trainable_weights_untouched(keras):
+    X, y = regression(n=40)
+    model = small_mlp(keras)
+    model.layers[0].trainable = False
+    model.compile(loss="mse")
+    frozen = [w.copy() for w in model.layers[0].get_weights()]
+    model.train_function = scipy_optimizer.make_train_function(model, method="L-BFGS-B", maxiter=20)
+    model.fit(X, y, verbose=0)
+    for before, after in zip(frozen, model.layers[0].get_weights()):
+        np.testing.assert_array_equal(before, after)
+    assert model.train_function.objective.size == 6  # Dense(5 -> 1) only
+
+
+def test_closed_form_least_squares(keras, float64):
+    rng = np.random.default_rng(11)
+    X = rng.normal(size=(80, 5))
+    y = X @ rng.normal(size=(5, 1)) + 0.3 + 0.2 * rng.normal(size=(80, 1))
+    A = np.hstack([X, np.ones((80, 1))])
+    coef = np.linalg.lstsq(A, y, rcond=None)[0].ravel()
+    for method in ("L-BFGS-B", "trust-ncg", "trust-exact", "Newton-CG", "BFGS"):
+        model = workloads.linear_model(keras, 5)
+        model.compile(loss="mse")
+        model.train_function = scipy_optimizer.make_train_function(model, method=method, maxiter=200, gtol=1e-10)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # gtol is not Newton-CG's
+            model.fit(X, y, verbose=0)
+        kernel, bias = model.get_weights()
+        np.testing.assert_allclose(np.append(kernel.ravel(), bias), coef, atol=1e-5, err_msg=method)
+
+
+def test_verbose_prints_progress_and_stop_reason(keras, capsys):
+    X, y = workloads.readme_regression()
+    model = _readme_model(keras)
+    model.train_function = scipy_optimizer.make_train_function(model, method="trust-ncg", maxiter=20, verbose=1)
+    model.fit(X, y, verbose=0)
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.strip()]
+    assert "iter" in out and "|grad|" in out and "stopped:" in out
+    nit = model.train_function.result.nit
+    iteration_lines = [line for line in lines if line.split()[0].isdigit()]
+    assert len(iteration_lines) == nit
+    model = _readme_model(keras)
+    model.train_function = scipy_optimizer.make_train_function(model, method="trust-ncg", maxiter=20, verbose=0)
+    model.fit(X, y, verbose=0)
+    assert capsys.readouterr().out == ""
+
+
+def test_bounds_pair_and_per_variable(keras):
+    X, y = workloads.readme_regression()
+    model = _readme_model(keras)
+    model.train_function = scipy_optimizer.make_train_function(model, method="L-BFGS-B", bounds=(0.0, 2.5))
+    model.fit(X, y, verbose=0)
+    w = model.get_weights()[0].ravel()
+    assert np.all(w >= 0) and np.all(w <= 2.5 + 1e-12)
+    assert w[3] == pytest.approx(2.5) and w[2] == pytest.approx(2.5)
+    name = model.train_function.objective.flat.names[0]
+    for spec in ({name.split("/")[-1]: (None, 1.5)}, [(None, 1.5)]):
+        model = _readme_model(keras)
+        model.train_function = scipy_optimizer.make_train_function(model, method="TNC", bounds=spec, maxiter=500)
+        model.fit(X, y, verbose=0)
+        assert np.max(model.get_weights()[0]) <= 1.5 + 1e-12, spec
+
+
+def test_nonneg_constraint_becomes_lower_bound(keras):
+    X, y = workloads.readme_regression()
+    y = X @ np.array([1.0, -2.0, 3.0, -4.0])
+    model = keras.Sequential(
+        [keras.Input((4,)), keras.layers.Dense(1, use_bias=False, kernel_constraint=keras.constraints.NonNeg())]
+    )
+    model.compile(loss="mse")
+    model.train_function = scipy_optimizer.make_train_function(model, method="L-BFGS-B", maxiter=100)
+    model.fit(X, y, verbose=0)
+    assert np.all(model.get_weights()[0] >= 0)
+    model.train_function = scipy_optimizer.make_train_function(model, method="CG", maxiter=5)
+    with pytest.warns(UserWarning, match="NonNeg"):
+        model.fit(X, y, verbose=0)
