@@ -69,7 +69,7 @@ class FlatVariables:
         if len(values) != len(self.variables):
             raise ValueError(f"expected {len(self.variables)} arrays, got {len(values)}")
         out = np.empty(self.size, dtype=np.float64)
-        for i, (value, shape) in enumerate(zip(values, self.shapes)):
+        for i, (value, shape) in enumerate(zip(values, self.shapes, strict=True)):
             value = np.asarray(value, dtype=np.float64)
             if value.shape != shape:
                 raise ValueError(f"{self.names[i]}: expected shape {shape}, got {value.shape}")
@@ -87,7 +87,7 @@ class FlatVariables:
 
     def write(self, x: np.ndarray) -> None:
         """Assign a flat vector to the variables (eagerly, cast to each variable's dtype)."""
-        for v, value, dtype in zip(self.variables, self.unpack(x), self.dtypes):
+        for v, value, dtype in zip(self.variables, self.unpack(x), self.dtypes, strict=True):
             v.assign(value.astype(dtype.as_numpy_dtype))
 
     def _check_vector(self, x: Any) -> np.ndarray:
@@ -101,7 +101,7 @@ class FlatVariables:
         """Inside a graph: split a float64 vector into tensors shaped and typed like the variables."""
         return [
             tf.cast(tf.reshape(x[self.offsets[i] : self.offsets[i + 1]], shape), dtype)
-            for i, (shape, dtype) in enumerate(zip(self.shapes, self.dtypes))
+            for i, (shape, dtype) in enumerate(zip(self.shapes, self.dtypes, strict=True))
         ]
 
     def concat(self, tensors: Sequence[Any]) -> tf.Tensor:
@@ -110,7 +110,7 @@ class FlatVariables:
         ``IndexedSlices`` are densified (duplicate indices summed); ``None`` becomes zeros.
         """
         parts = []
-        for t, shape in zip(tensors, self.shapes):
+        for t, shape in zip(tensors, self.shapes, strict=True):
             if t is None:
                 parts.append(tf.zeros([int(np.prod(shape, dtype=np.int64))], tf.float64))
                 continue

@@ -17,7 +17,8 @@ order. Values and gradients are memoized on a copy of the last ``x``.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import tensorflow as tf
@@ -216,7 +217,7 @@ class FullBatchObjective:
         return tf.cast(loss, tf.float64)
 
     def _assign(self, x: tf.Tensor) -> None:
-        for var, value in zip(self._tf_vars, self.flat.split(x)):
+        for var, value in zip(self._tf_vars, self.flat.split(x), strict=True):
             var.assign(value)
 
     def _over_chunks(self, head: Any, tail: Any, chunk_fn: Callable[[Any, float], tuple]) -> tuple:
@@ -229,7 +230,7 @@ class FullBatchObjective:
 
         def body(i, acc):
             chunk = _map_data(lambda t: tf.gather(t, i), head)
-            return i + 1, tuple(a + b for a, b in zip(acc, chunk_fn(chunk, head_weight)))
+            return i + 1, tuple(a + b for a, b in zip(acc, chunk_fn(chunk, head_weight), strict=True))
 
         zeros = tuple(tf.zeros_like(t) for t in total) if total is not None else None
         if zeros is None:  # no tail: trace one chunk for the shapes, start from zero
@@ -237,7 +238,7 @@ class FullBatchObjective:
             _, acc = tf.while_loop(lambda i, _: i < count, body, (tf.constant(1), first), parallel_iterations=1)
             return acc
         _, acc = tf.while_loop(lambda i, _: i < count, body, (tf.constant(0), zeros), parallel_iterations=1)
-        return tuple(a + b for a, b in zip(acc, total))
+        return tuple(a + b for a, b in zip(acc, total, strict=True))
 
     def _chunk_value(self, chunk: Any, weight: float) -> tuple:
         return (weight * self._loss(chunk),)

@@ -119,11 +119,12 @@ def factorization_model(
     init = keras.initializers.RandomNormal(stddev=0.1, seed=seed)
     user = keras.Input((1,), dtype="int32", name="user")
     item = keras.Input((1,), dtype="int32", name="item")
-    u = keras.layers.Flatten()(keras.layers.Embedding(n_users, width, embeddings_initializer=init, dtype=dtype)(user))
-    v = keras.layers.Flatten()(keras.layers.Embedding(n_items, width, embeddings_initializer=init, dtype=dtype)(item))
+    def lookup(ids, rows, width, initializer):
+        table = keras.layers.Embedding(rows, width, embeddings_initializer=initializer, dtype=dtype)
+        return keras.layers.Flatten()(table(ids))
+
+    u, v = lookup(user, n_users, width, init), lookup(item, n_items, width, init)
     out = keras.layers.Dot(axes=1, dtype=dtype)([u, v])
     if bias:
-        bu = keras.layers.Flatten()(keras.layers.Embedding(n_users, 1, embeddings_initializer="zeros", dtype=dtype)(user))
-        bi = keras.layers.Flatten()(keras.layers.Embedding(n_items, 1, embeddings_initializer="zeros", dtype=dtype)(item))
-        out = keras.layers.Add(dtype=dtype)([out, bu, bi])
+        out = keras.layers.Add(dtype=dtype)([out, lookup(user, n_users, 1, "zeros"), lookup(item, n_items, 1, "zeros")])
     return keras.Model([user, item], out)

@@ -59,7 +59,8 @@ def test_non_finite_data_named(keras, where, no_scipy):
 
 
 def test_stochastic_layers_refused_or_explicitly_deterministic(keras):
-    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4), keras.layers.Dropout(0.3), keras.layers.Dense(1)])
+    layers = keras.layers
+    model = keras.Sequential([keras.Input((3,)), layers.Dense(4), layers.Dropout(0.3), layers.Dense(1)])
     model.compile(loss="mse")
     with pytest.raises(ValueError, match=r"stochastic layers.*deterministic=True"):
         scipy_optimizer.make_train_function(model)
@@ -117,7 +118,9 @@ class _Sabotage:
         monkeypatch.setattr(FullBatchObjective, "value_and_grad", wrapped)
 
 
-@pytest.mark.parametrize("failure", ["nan", KeyboardInterrupt(), RuntimeError("boom")], ids=["nan", "interrupt", "error"])
+@pytest.mark.parametrize(
+    "failure", ["nan", KeyboardInterrupt(), RuntimeError("boom")], ids=["nan", "interrupt", "error"]
+)
 def test_failure_leaves_best_point(keras, monkeypatch, failure):
     X, y = regression(n=30)
     model = _compiled(keras)

@@ -177,7 +177,7 @@ def test_non_trainable_weights_untouched(keras):
     frozen = [w.copy() for w in model.layers[0].get_weights()]
     model.train_function = scipy_optimizer.make_train_function(model, method="L-BFGS-B", maxiter=20)
     model.fit(X, y, verbose=0)
-    for before, after in zip(frozen, model.layers[0].get_weights()):
+    for before, after in zip(frozen, model.layers[0].get_weights(), strict=True):
         np.testing.assert_array_equal(before, after)
     assert model.train_function.objective.size == 6  # Dense(5 -> 1) only
 
