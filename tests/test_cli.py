@@ -20,5 +20,5 @@ def test_demo_prints_one_row_per_method_and_finds_the_weights(capsys):
     for workload, method, loss, nit, nfev, seconds in rows:
         assert float(loss) < 1e-3, f"{workload}/{method} ended at loss {loss}"
         assert int(nfev) >= int(nit) > 0 and float(seconds) > 0
-    weights = [float(w) for w in re.search(r"weights \(.*\): \[(.*)\]", out).group(1).split(",")]
+    weights = [float(w) for w in re.search(r"weights \(.*?\): \[(.*?)\]", out).group(1).split(",")]
     assert [round(w, 3) for w in weights] == [1.0, 2.0, 3.0, 4.0]
