@@ -78,7 +78,7 @@ class FlatVariables:
 
     def unpack(self, x: np.ndarray) -> list[np.ndarray]:
         """Split a flat vector into float64 arrays shaped like the variables (views)."""
-        x = self._check_vector(x)
+        x = self.as_vector(x)
         return [x[self.slice(i)].reshape(s) for i, s in enumerate(self.shapes)]
 
     def read(self) -> np.ndarray:
@@ -90,7 +90,8 @@ class FlatVariables:
         for v, value, dtype in zip(self.variables, self.unpack(x), self.dtypes, strict=True):
             v.assign(value.astype(dtype.as_numpy_dtype))
 
-    def _check_vector(self, x: Any) -> np.ndarray:
+    def as_vector(self, x: Any) -> np.ndarray:
+        """``x`` as a float64 array, checked to be a flat vector of this layout's size."""
         x = np.asarray(x, dtype=np.float64)
         if x.shape != (self.size,):
             raise ValueError(f"expected a flat vector of shape ({self.size},), got {x.shape}")

@@ -153,7 +153,7 @@ class FullBatchObjective:
 
     def value(self, x: np.ndarray) -> float:
         """Full-batch loss at ``x``."""
-        x = self.flat._check_vector(x)
+        x = self.flat.as_vector(x)
         if self._memo_hit(x):
             return self._memo_f
         self.nfev += 1
@@ -163,24 +163,23 @@ class FullBatchObjective:
 
     def gradient(self, x: np.ndarray) -> np.ndarray:
         """Exact gradient at ``x`` (float64, a new array)."""
-        return self.value_and_grad(x)[1].copy()
+        return self.value_and_grad(x)[1]
 
     def value_and_grad(self, x: np.ndarray) -> tuple[float, np.ndarray]:
         """Loss and gradient at ``x`` from one compiled call (memoized on ``x``)."""
-        x = self.flat._check_vector(x)
-        if self._memo_hit(x) and self._memo_g is not None:
-            return self._memo_f, self._memo_g
-        self.nfev += 1
-        self.ngev += 1
-        f, g = self._value_and_grad_fn(_vec(x), *self._chunks)
-        f, g = float(f), g.numpy()
-        self._remember(x, f, g)
-        return f, g
+        x = self.flat.as_vector(x)
+        if not (self._memo_hit(x) and self._memo_g is not None):
+            self.nfev += 1
+            self.ngev += 1
+            f, g = self._value_and_grad_fn(_vec(x), *self._chunks)
+            self._remember(x, float(f), g.numpy())
+        # A copy: a solver that updates its gradient in place must not touch the cache.
+        return self._memo_f, self._memo_g.copy()
 
     def hessp(self, x: np.ndarray, p: np.ndarray) -> np.ndarray:
         """Exact Hessian-vector product ``H(x) @ p`` by nested autodiff."""
-        x = self.flat._check_vector(x)
-        p = self.flat._check_vector(p)
+        x = self.flat.as_vector(x)
+        p = self.flat.as_vector(p)
         self.nhvp += 1
         f, g, hp = self._hvp_fn(_vec(x), _vec(p), *self._chunks)
         if not (self._memo_hit(x) and self._memo_g is not None):
@@ -190,7 +189,7 @@ class FullBatchObjective:
     def hessian(self, x: np.ndarray) -> np.ndarray:
         """Dense symmetric Hessian at ``x``, shape ``(n, n)``; refused above ``max_hessian_params``."""
         self.check_hessian_size()
-        x = self.flat._check_vector(x)
+        x = self.flat.as_vector(x)
         self.nhess += 1
         return self._hessian_fn(_vec(x), *self._chunks).numpy()
 
@@ -199,7 +198,12 @@ class FullBatchObjective:
 
     def set_weights(self, x: np.ndarray) -> None:
         """Write ``x`` into the model's trainable variables."""
-        self.flat.write(self.flat._check_vector(x))
+        self.flat.write(self.flat.as_vector(x))
+
+    def cached(self, x: np.ndarray) -> tuple[float, np.ndarray | None] | None:
+        """``(value, gradient or None)`` if ``x`` is the last point evaluated, else ``None``."""
+        x = np.asarray(x, dtype=np.float64)
+        return (self._memo_f, self._memo_g) if self._memo_hit(x) else None
 
     def _memo_hit(self, x: np.ndarray) -> bool:
         return self._memo_x is not None and np.array_equal(x, self._memo_x)

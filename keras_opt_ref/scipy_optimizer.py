@@ -284,11 +284,12 @@ class _Progress:
         else:  # TNC, SLSQP and COBYLA pass only x
             x, fun = intermediate_result, None
         obj = self.objective
+        cached = obj.cached(x)  # no extra evaluation just to print
         grad_norm = math.nan
-        if obj._memo_hit(np.asarray(x, dtype=np.float64)):
-            fun = obj._memo_f if fun is None else fun
-            if obj._memo_g is not None:
-                grad_norm = float(np.linalg.norm(obj._memo_g))
+        if cached is not None:
+            fun = cached[0] if fun is None else fun
+            if cached[1] is not None:
+                grad_norm = float(np.linalg.norm(cached[1]))
         fun = math.nan if fun is None else float(fun)
         _print(f"{self.iteration:>6} {fun:>14.8g} {grad_norm:>10.3e} {obj.nfev:>6} {obj.nhvp:>6}")
 
