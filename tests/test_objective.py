@@ -141,18 +141,23 @@ def test_generator_source(keras):
     _fit_objective_value(keras, small_mlp(keras), batches(), {}, X, y)
 
 
-def test_sequence_source(keras):
-    X, y = regression(n=50)
+def _batches(keras, X, y, batch_size):
+    """A Keras 3 PyDataset (tf-keras: Sequence) over arrays, the last batch short."""
     base = getattr(keras.utils, "PyDataset", None) or keras.utils.Sequence
 
     class Batches(base):
         def __len__(self):
-            return 4
+            return -(-len(X) // batch_size)
 
         def __getitem__(self, i):
-            return X[i * 16 : (i + 1) * 16], y[i * 16 : (i + 1) * 16]
+            return X[i * batch_size : (i + 1) * batch_size], y[i * batch_size : (i + 1) * batch_size]
 
-    _fit_objective_value(keras, small_mlp(keras), Batches(), {}, X, y)
+    return Batches()
+
+
+def test_sequence_source(keras):
+    X, y = regression(n=50)
+    _fit_objective_value(keras, small_mlp(keras), _batches(keras, X, y, 16), {}, X, y)
 
 
 def test_sample_weights_through_fit(keras):
@@ -170,19 +175,10 @@ def test_sample_weights_through_fit(keras):
 def test_every_epoch_sees_the_whole_training_set_once(keras, source):
     """tf-keras feeds arrays from one iterator over a repeated dataset: epochs must not blur."""
     X, y = regression(n=50)
-    base = getattr(keras.utils, "PyDataset", None) or keras.utils.Sequence
-
-    class Batches(base):
-        def __len__(self):
-            return 4
-
-        def __getitem__(self, i):
-            return X[i * 16 : (i + 1) * 16], y[i * 16 : (i + 1) * 16]
-
     fit_args = {
         "arrays": ((X, y), dict(batch_size=16)),
         "tf.data": ((tf.data.Dataset.from_tensor_slices((X, y)).batch(16),), {}),
-        "sequence": ((Batches(),), {}),
+        "sequence": ((_batches(keras, X, y, 16),), {}),
         "steps_per_epoch": ((tf.data.Dataset.from_tensor_slices((X, y)).batch(10).repeat(),), dict(steps_per_epoch=5)),
     }[source]
     model = small_mlp(keras)
