@@ -19,6 +19,7 @@ import math
 import sys
 import time
 import warnings
+from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -136,24 +137,25 @@ class ScipyTrainFunction:
         objective.reset_counters()
         objective.best_x, objective.best_value = None, math.inf
         progress = _Progress(self, objective)
+        calls: Counter[str] = Counter()  # what scipy really asked for: the counts we report
         kwargs: dict[str, Any] = dict(method=self.method.name, tol=self.tol, callback=progress, options=self.options)
         if self.method.jac:
-            kwargs.update(fun=objective.value_and_grad, jac=True)
+            kwargs.update(fun=_counted(objective.value_and_grad, calls, "fun"), jac=True)
         else:
-            kwargs.update(fun=objective.value)
+            kwargs.update(fun=_counted(objective.value, calls, "fun"))
         if self.method.hess == "hessp":
-            kwargs["hessp"] = objective.hessp
+            kwargs["hessp"] = _counted(objective.hessp, calls, "hev")
         elif self.method.hess == "hess":
-            kwargs["hess"] = objective.hessian
+            kwargs["hess"] = _counted(objective.hessian, calls, "hev")
         if bounds is not None:
             kwargs["bounds"] = bounds
         progress.start()
         try:
             result = scipy.optimize.minimize(x0=x0, **kwargs)
         except BaseException as exc:  # KeyboardInterrupt included: keep the best point, then re-raise
-            self._finish(objective, _failed_result(objective, x0, exc), x0, progress)
+            self._finish(objective, _failed_result(x0, exc), x0, bounds, calls, progress)
             raise
-        return self._finish(objective, result, x0, progress)
+        return self._finish(objective, result, x0, bounds, calls, progress)
 
     def _objective_for(self, x: Any, y: Any, sample_weight: Any) -> FullBatchObjective:
         if self.objective is None:
@@ -163,24 +165,35 @@ class ScipyTrainFunction:
         return self.objective
 
     def _finish(
-        self, objective: FullBatchObjective, result: Any, x0: np.ndarray, progress: _Progress
+        self,
+        objective: FullBatchObjective,
+        result: Any,
+        x0: np.ndarray,
+        bounds: scipy.optimize.Bounds | None,
+        calls: Counter[str],
+        progress: _Progress,
     ) -> dict[str, Any]:
         fun = float(result.get("fun", math.nan))
         best_x, best_value = objective.best_x, objective.best_value
+        if best_x is not None and bounds is not None and not _inside(best_x, bounds):
+            best_x = None  # COBYLA evaluates infeasible points; never keep one
         if not (math.isfinite(fun) and (best_x is None or fun <= best_value)):
             # scipy's point is non-finite or worse than one already seen: keep the best
             # finite point, or the start if no evaluation was finite.
             where = "the best point found" if best_x is not None else "its starting weights"
-            result.x, result.fun = (best_x.copy(), best_value) if best_x is not None else (x0, math.nan)
+            result.x = best_x if best_x is not None else x0
             result.message = (
-                f"{result.get('message', '')} -- model left at {where} "
-                f"(loss {result.fun:.6g}; scipy's returned loss {fun:.6g})"
+                f"{result.get('message', '')} -- model left at {where} (scipy's returned loss {fun:.6g})"
             ).strip(" -")
-        objective.set_weights(result.x)
-        # What the model holds (x rounded to the variables' dtype; f was computed from it).
+        objective.set_weights(_into_bounds(objective.flat, np.asarray(result.x, dtype=np.float64), bounds))
+        # Report what the model holds (x rounded to the variables' dtype, inside the bounds)
+        # and the loss there; a memo hit unless rounding or projection moved the point.
         result.x = objective.flat.read()
-        for key in ("nit", "nfev", "njev", "nhev"):
-            result[key] = int(result.get(key, 0) or 0)
+        result.fun = _loss_or_nan(objective, result.x)
+        result.nfev = calls["fun"]
+        result.nhev = calls["hev"]
+        result.njev = int(result.get("njev", calls["fun"] if self.method.jac else 0) or 0)
+        result.nit = int(result.get("nit", 0) or 0)
         self.result = result
         self.results.append(result)
         progress.stop(result)
@@ -306,18 +319,48 @@ def _print(text: str) -> None:
     print(text, file=sys.stdout, flush=True)
 
 
-def _failed_result(objective: FullBatchObjective, x0: np.ndarray, exc: BaseException) -> scipy.optimize.OptimizeResult:
+def _failed_result(x0: np.ndarray, exc: BaseException) -> scipy.optimize.OptimizeResult:
     return scipy.optimize.OptimizeResult(
-        x=x0,
-        fun=math.nan,
-        success=False,
-        status=-1,
-        message=f"stopped by {type(exc).__name__}: {exc}",
-        nit=0,
-        nfev=objective.nfev,
-        njev=objective.ngev,
-        nhev=objective.nhvp + objective.nhess,
+        x=x0, fun=math.nan, success=False, status=-1, message=f"stopped by {type(exc).__name__}: {exc}"
     )
+
+
+def _counted(fn: Any, calls: Counter[str], name: str) -> Any:
+    def counted(*args: Any) -> Any:
+        calls[name] += 1
+        return fn(*args)
+
+    return counted
+
+
+def _inside(x: np.ndarray, bounds: scipy.optimize.Bounds) -> bool:
+    return bool(np.all(x >= bounds.lb) and np.all(x <= bounds.ub))
+
+
+def _into_bounds(flat: Any, x: np.ndarray, bounds: scipy.optimize.Bounds | None) -> np.ndarray:
+    """Project onto the box, so that rounding to each variable's dtype also stays inside."""
+    if bounds is None:
+        return x
+    x = np.clip(x, bounds.lb, bounds.ub)
+    for i, dtype in enumerate(flat.dtypes):
+        where = flat.slice(i)
+        lo, hi = bounds.lb[where], bounds.ub[where]
+        rounded = x[where].astype(dtype.as_numpy_dtype)
+        wide = rounded.astype(np.float64)
+        rounded = np.where(wide > hi, np.nextafter(rounded, rounded.dtype.type(-np.inf)), rounded)
+        rounded = np.where(wide < lo, np.nextafter(rounded, rounded.dtype.type(np.inf)), rounded)
+        x[where] = rounded
+    return x
+
+
+def _loss_or_nan(objective: FullBatchObjective, x: np.ndarray) -> float:
+    cached = objective.cached(x)
+    if cached is not None:
+        return cached[0]
+    try:
+        return objective.value(x)
+    except Exception:  # reporting must not mask the failure being reported
+        return math.nan
 
 
 def _take(iterator: Any, count: int | None) -> list[Any]:

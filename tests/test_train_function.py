@@ -245,3 +245,15 @@ def test_nonneg_constraint_becomes_lower_bound(keras):
     model.train_function = scipy_optimizer.make_train_function(model, method="CG", maxiter=5)
     with pytest.warns(UserWarning, match="NonNeg"):
         model.fit(X, y, verbose=0)
+
+
+@pytest.mark.parametrize("method", ["L-BFGS-B", "COBYLA"])
+def test_bounds_hold_exactly_for_float32_weights(keras, method):
+    """0.3 is not a float32: rounding must not step outside; COBYLA's infeasible trials are never kept."""
+    X, y = workloads.readme_regression()
+    model = _readme_model(keras)
+    model.train_function = scipy_optimizer.make_train_function(model, method=method, maxiter=300, bounds=(-0.2, 0.3))
+    model.fit(X, y, verbose=0)
+    w = model.get_weights()[0].astype(np.float64)
+    assert np.all(w >= -0.2) and np.all(w <= 0.3), w
+    np.testing.assert_allclose(model.train_function.result.fun, full_batch_loss(model, X, y), rtol=1e-6)

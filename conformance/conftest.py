@@ -1,0 +1,24 @@
+"""Per-test hygiene for the suite (fixtures `impl`, `observe`, `keras` come from the plugin)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_keras(keras):
+    keras.utils.set_random_seed(7)
+    yield
+    keras.backend.clear_session()
+
+
+@pytest.fixture
+def float64(keras):
+    old = keras.backend.floatx()
+    keras.backend.set_floatx("float64")
+    yield
+    keras.backend.set_floatx(old)

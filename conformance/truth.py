@@ -1,0 +1,63 @@
+"""Independent ground truth: the suite's own weight layout, finite differences, evaluate."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def trainable_vector(model) -> np.ndarray:
+    """The interface's layout: model.trainable_variables in order, each in C order, float64."""
+    return np.concatenate([np.asarray(v.numpy(), dtype=np.float64).ravel() for v in model.trainable_variables])
+
+
+def set_trainable_vector(model, x: np.ndarray) -> None:
+    offset = 0
+    for v in model.trainable_variables:
+        size = int(np.prod(v.shape))
+        dtype = str(getattr(v.dtype, "name", v.dtype))
+        v.assign(np.asarray(x[offset : offset + size]).reshape(tuple(v.shape)).astype(dtype))
+        offset += size
+    if offset != x.size:
+        raise ValueError(f"vector of {x.size} for {offset} trainable weights")
+
+
+def keras_loss(model, x, y=None, sample_weight=None) -> float:
+    """Keras's own loss over the whole data set in one batch."""
+    n = len(_first_leaf(x))
+    out = model.evaluate(x, y, sample_weight=sample_weight, batch_size=n, verbose=0)
+    return float(out[0] if isinstance(out, (list, tuple)) else out)
+
+
+def keras_loss_at(model, w: np.ndarray, x, y=None, sample_weight=None) -> float:
+    saved = trainable_vector(model)
+    try:
+        set_trainable_vector(model, w)
+        return keras_loss(model, x, y, sample_weight)
+    finally:
+        set_trainable_vector(model, saved)
+
+
+def central_gradient(f, x: np.ndarray, h: float = 1e-6) -> np.ndarray:
+    g = np.empty_like(x)
+    for i in range(x.size):
+        e = np.zeros_like(x)
+        e[i] = h
+        g[i] = (f(x + e) - f(x - e)) / (2 * h)
+    return g
+
+
+def directional(f, x: np.ndarray, p: np.ndarray, h: float = 1e-5) -> np.ndarray:
+    return (np.asarray(f(x + h * p)) - np.asarray(f(x - h * p))) / (2 * h)
+
+
+def dense_from_columns(f, n: int) -> np.ndarray:
+    """A dense matrix from a matrix-vector product, one unit vector at a time."""
+    return np.stack([np.asarray(f(np.eye(n)[i])) for i in range(n)], axis=1)
+
+
+def _first_leaf(x):
+    while isinstance(x, (list, tuple)):
+        x = x[0]
+    if isinstance(x, dict):
+        return _first_leaf(next(iter(x.values())))
+    return x
