@@ -52,6 +52,8 @@ class ScipyTrainFunction:
         The objective (created on the first call).
     """
 
+    objective_class = FullBatchObjective  # what the first call builds; subclasses may swap it
+
     def __init__(
         self,
         model: Any,
@@ -159,7 +161,7 @@ class ScipyTrainFunction:
 
     def _objective_for(self, x: Any, y: Any, sample_weight: Any) -> FullBatchObjective:
         if self.objective is None:
-            self.objective = FullBatchObjective(self.model, x, y, sample_weight, **self._objective_kwargs)
+            self.objective = self.objective_class(self.model, x, y, sample_weight, **self._objective_kwargs)
         else:
             self.objective.set_data(x, y, sample_weight)
         return self.objective

@@ -1,0 +1,14 @@
+"""Sample weights dropped on the way to the loss."""
+
+from keras_opt_ref.objective import FullBatchObjective
+
+from ._base import factory
+
+
+class NoSampleWeights(FullBatchObjective):
+    def _loss(self, batch):
+        x, y, _ = batch
+        return super()._loss((x, y, None))
+
+
+make_train_function = factory(NoSampleWeights)
