@@ -136,11 +136,8 @@ def pytest_runtest_makereport(item, call):
         message = ""
         if report.failed and call.excinfo is not None:
             message = call.excinfo.exconly().splitlines()[0][:300]
-        _OUTCOMES[item.nodeid.split("::", 1)[-1] if "::" in item.nodeid else item.nodeid] = {
-            "file": Path(str(item.fspath)).name,
-            "outcome": state,
-            "message": message,
-        }
+        section = Path(str(item.fspath)).stem.removeprefix("test_")
+        _OUTCOMES[f"{section}::{item.name}"] = {"outcome": state, "message": message}
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -2,16 +2,27 @@
 
 ``from keras_opt_ref import scipy_optimizer`` then
 ``model.train_function = scipy_optimizer.make_train_function(model, method=..., maxiter=...)``.
+
+Names are imported on first use, so that ``keras-opt-ref`` can configure TensorFlow's
+logging before TensorFlow loads.
 """
 
 from __future__ import annotations
 
-from . import scipy_optimizer
-from .flat import FlatVariables
-from .objective import FullBatchObjective, HessianTooLargeError
-from .scipy_optimizer import METHODS, ScipyTrainFunction, make_train_function
+import importlib
 
 __version__ = "0.1.0"
+
+_LAZY = {
+    "scipy_optimizer": ("keras_opt_ref.scipy_optimizer", None),
+    "workloads": ("keras_opt_ref.workloads", None),
+    "FlatVariables": ("keras_opt_ref.flat", "FlatVariables"),
+    "FullBatchObjective": ("keras_opt_ref.objective", "FullBatchObjective"),
+    "HessianTooLargeError": ("keras_opt_ref.objective", "HessianTooLargeError"),
+    "METHODS": ("keras_opt_ref.scipy_optimizer", "METHODS"),
+    "ScipyTrainFunction": ("keras_opt_ref.scipy_optimizer", "ScipyTrainFunction"),
+    "make_train_function": ("keras_opt_ref.scipy_optimizer", "make_train_function"),
+}
 
 __all__ = [
     "METHODS",
@@ -23,3 +34,17 @@ __all__ = [
     "make_train_function",
     "scipy_optimizer",
 ]
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'keras_opt_ref' has no attribute {name!r}")
+    module_name, attr = _LAZY[name]
+    module = importlib.import_module(module_name)
+    value = module if attr is None else getattr(module, attr)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -58,9 +58,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command")
     demo_parser = sub.add_parser("demo", help="train the README examples (the default)")
     demo_parser.add_argument("--maxiter", type=int, default=200)
+    conf = sub.add_parser("conformance", help="run the conformance suite and print the check x implementation matrix")
+    conf.add_argument("--impl", action="append", help="module exposing make_train_function (repeatable); "
+                      "default: the reference, keras_opt_ref.scipy_optimizer")
+    conf.add_argument("--mutants", action="store_true", help="also run every mutant and print the mutation score")
+    conf.add_argument("--out", default="reports", help="folder for conformance.md and conformance.json")
+    conf.add_argument("--fail-fast", action="store_true", help="stop each mutant's run at its first failing check")
     args = parser.parse_args(argv)
     if args.command in (None, "demo"):
         return demo(getattr(args, "maxiter", 200))
+    if args.command == "conformance":
+        from keras_opt_ref_conformance import report
+
+        return report.main(args.impl or ["keras_opt_ref.scipy_optimizer"], args.mutants, args.out, args.fail_fast)
     parser.error(f"unknown command {args.command!r}")
     return 2
 
