@@ -67,3 +67,13 @@ def test_bounds_for_unbounded_method(impl, keras):
     model.compile(loss="mse")
     X, y = regression()
     _expect_refusal(lambda: fit(impl, model, X, y, method="CG", make_kwargs=dict(bounds=(0, 1))), model)
+
+
+def test_embedding_index_out_of_range(impl, keras):
+    """Keras raises on an id >= input_dim; XLA would silently clamp it. Either way: refuse."""
+    model = keras.Sequential(
+        [keras.Input((1,), dtype="int32"), keras.layers.Embedding(5, 2), keras.layers.Flatten(), keras.layers.Dense(1)]
+    )
+    model.compile(loss="mse")
+    ids = np.array([[0], [4], [7], [1]], dtype="int32")
+    _expect_refusal(lambda: fit(impl, model, ids, np.ones((4, 1)), batch_size=4), model)

@@ -56,6 +56,17 @@ class FlatVariables:
         """Length of the flat vector (number of scalar weights)."""
         return self.offsets[-1]
 
+    @property
+    def common_dtype(self) -> tf.DType:
+        """The variables' dtype if they all share one, else float64.
+
+        The objective hands ``x`` to its graphs in this dtype: rounding a float64 vector to
+        float32 in NumPy is the same round-to-nearest as casting in the graph, and half the
+        bytes cross into TensorFlow.
+        """
+        dtypes = set(self.dtypes)
+        return dtypes.pop() if len(dtypes) == 1 else tf.float64
+
     def __len__(self) -> int:
         return len(self.variables)
 
@@ -99,7 +110,7 @@ class FlatVariables:
 
     # --- graph side ------------------------------------------------------------
     def split(self, x: tf.Tensor) -> list[tf.Tensor]:
-        """Inside a graph: split a float64 vector into tensors shaped and typed like the variables."""
+        """Inside a graph: split a flat vector into tensors shaped and typed like the variables."""
         return [
             tf.cast(tf.reshape(x[self.offsets[i] : self.offsets[i + 1]], shape), dtype)
             for i, (shape, dtype) in enumerate(zip(self.shapes, self.dtypes, strict=True))

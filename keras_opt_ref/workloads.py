@@ -14,10 +14,14 @@ __all__ = [
     "FACTORIZATION_SIZES",
     "MLP_SIZES",
     "LINEAR_SIZES",
+    "SIZES",
+    "WORKLOADS",
     "FactorizationData",
+    "Workload",
     "factorization_data",
     "factorization_model",
     "linear_model",
+    "make_workload",
     "mlp_model",
     "readme_regression",
     "regression_data",
@@ -31,9 +35,11 @@ MLP_SIZES = {"small": (500, 8), "medium": (5000, 8), "large": (50000, 8)}
 FACTORIZATION_SIZES = {
     "tiny": (200, 100, 1000),
     "small": (500, 250, 5000),
-    "medium": (2000, 1000, 40000),
-    "large": (6000, 4000, 480000),
+    "medium": (2000, 1000, 40000),  # 2% observed
+    "large": (6000, 4000, 480000),  # 12x the medium ratings, 2% observed
 }
+WORKLOADS = ("linear", "mlp", "factorization")
+SIZES = {"linear": LINEAR_SIZES, "mlp": MLP_SIZES, "factorization": FACTORIZATION_SIZES}
 
 
 def readme_regression() -> tuple[np.ndarray, np.ndarray]:
@@ -128,3 +134,53 @@ def factorization_model(
     if bias:
         out = keras.layers.Add(dtype=dtype)([out, lookup(user, n_users, 1, "zeros"), lookup(item, n_items, 1, "zeros")])
     return keras.Model([user, item], out)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A compiled model (loss ``"mse"``) and its whole training set."""
+
+    name: str
+    size: str
+    model: Any
+    x: Any
+    y: np.ndarray
+    factorization: FactorizationData | None = None
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.y.shape[0])
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}-{self.size}"
+
+
+def make_workload(
+    name: str, size: str = "medium", *, keras: Any = None, dtype: str | None = None, bias: bool = False
+) -> Workload:
+    """Build workload ``name`` (one of ``WORKLOADS``) at ``size`` (a key of ``SIZES[name]``).
+
+    Deterministic: the same name and size always give the same data and initial weights.
+    ``bias`` adds the per-user and per-item bias terms to the factorization model.
+    """
+    if name not in SIZES:
+        raise ValueError(f"Unknown workload {name!r}; choose one of {WORKLOADS}")
+    if size not in SIZES[name]:
+        raise ValueError(f"Unknown size {size!r} for {name}; choose one of {tuple(SIZES[name])}")
+    if keras is None:
+        from ._keras import default_keras
+
+        keras = default_keras()
+    keras.utils.set_random_seed(0)
+    factorization = None
+    if name == "factorization":
+        factorization = factorization_data(*SIZES[name][size])
+        x, y = factorization.x, factorization.ratings
+        model = factorization_model(keras, factorization.n_users, factorization.n_items, bias=bias, dtype=dtype)
+    else:
+        n, d = SIZES[name][size]
+        x, y = regression_data(n, d, nonlinear=name == "mlp")
+        model = linear_model(keras, d, dtype=dtype) if name == "linear" else mlp_model(keras, d, dtype=dtype)
+    model.compile(loss="mse")
+    return Workload(name, size, model, x, y, factorization)

@@ -142,3 +142,18 @@ def test_failure_leaves_best_point(keras, monkeypatch, failure):
     np.testing.assert_allclose(result.fun, train.objective.best_value, rtol=0)
     if failure != "nan":
         assert type(failure).__name__ in result.message and not result.success
+
+
+def test_embedding_index_out_of_range_refused_before_work(keras, no_scipy):
+    """Under XLA an out-of-range gather is clamped, not an error: the data must be checked first."""
+    model = keras.Sequential(
+        [keras.Input((1,), dtype="int32"), keras.layers.Embedding(5, 2), keras.layers.Flatten(), keras.layers.Dense(1)]
+    )
+    model.compile(loss="mse")
+    before = [w.copy() for w in model.get_weights()]
+    ids = np.array([[0], [4], [7]], dtype="int32")
+    model.train_function = scipy_optimizer.make_train_function(model, method="L-BFGS-B")
+    with pytest.raises(ValueError, match="cannot evaluate its training data.*index ranges"):
+        model.fit(ids, np.ones((3, 1)), verbose=0)
+    for old, new in zip(before, model.get_weights(), strict=True):
+        np.testing.assert_array_equal(old, new)

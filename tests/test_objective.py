@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -200,3 +202,54 @@ def test_every_epoch_sees_the_whole_training_set_once(keras, source):
         np.testing.assert_array_equal(
             samples, np.sort(X[:, 0].astype(np.float32)), err_msg="an epoch's objective must cover each sample once"
         )
+
+
+def _model_xla_cannot_compile(keras):
+    class StringRoundTrip(keras.layers.Layer):
+        """Adds zero through string ops, which XLA does not support."""
+
+        def call(self, x):
+            lengths = tf.cast(tf.strings.length(tf.strings.as_string(x)), x.dtype)
+            return x + 0.0 * tf.stop_gradient(lengths)
+
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4), StringRoundTrip(), keras.layers.Dense(1)])
+    model.compile(loss="mse")
+    return model
+
+
+def test_xla_is_the_default_and_falls_back_with_a_warning(keras):
+    X, y = regression()
+    plain = small_mlp(keras)
+    plain.compile(loss="mse")
+    assert FullBatchObjective(plain, X, y).jit_compile is True
+    model = _model_xla_cannot_compile(keras)
+    obj = FullBatchObjective(model, X, y)
+    x0 = obj.flat.read()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        f, g = obj.value_and_grad(x0)
+    assert any("XLA could not compile" in str(w.message) for w in caught), [str(w.message) for w in caught]
+    assert obj.jit_compile is False
+    assert f == pytest.approx(full_batch_loss(model, X, y), rel=1e-6)
+    assert np.all(np.isfinite(g)) and np.any(g != 0)
+    plain_tf = FullBatchObjective(model, X, y, jit_compile=False)
+    np.testing.assert_allclose(obj.hessp(x0, g), plain_tf.hessp(x0, g), rtol=1e-5, atol=1e-6)
+
+
+def test_xla_insisted_on_raises(keras):
+    X, y = regression()
+    obj = FullBatchObjective(_model_xla_cannot_compile(keras), X, y, jit_compile=True)
+    with pytest.raises(tf.errors.OpError):
+        obj.value(obj.flat.read())
+
+
+def test_new_data_shapes_rebuild_the_graphs(keras):
+    X, y = regression()
+    model = small_mlp(keras)
+    model.compile(loss="mse")
+    obj = FullBatchObjective(model, X, y, chunk_size=16)
+    x0 = obj.flat.read()
+    obj.value(x0)
+    obj.set_data(X[:21], y[:21])
+    assert obj.num_samples == 21
+    assert obj.value(x0) == pytest.approx(full_batch_loss(model, X[:21], y[:21]), rel=1e-6)

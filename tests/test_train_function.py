@@ -45,7 +45,11 @@ def test_readme_regression_every_gradient_method(keras, method):
 
 
 def test_readme_usage_lines(keras):
-    """The three keras-opt usage lines, verbatim but for the import."""
+    """The three keras-opt usage lines, verbatim but for the import.
+
+    Two epochs: CG needs about 29 iterations on this ill-conditioned problem, and each
+    epoch runs at most ``maxiter`` (a CG restart from where the first epoch stopped).
+    """
     X, y = workloads.readme_regression()
     for kwargs in (
         dict(maxiter=20),
@@ -60,7 +64,7 @@ def test_readme_usage_lines(keras):
             assert any("xtol" in str(w.message) and "gtol" in str(w.message) for w in caught), (
                 "an option trust-ncg does not use must be reported, naming the ones it uses"
             )
-        model.fit(X, y, verbose=0)
+        model.fit(X, y, epochs=2, verbose=0)
         np.testing.assert_allclose(model.get_weights()[0].ravel(), [1, 2, 3, 4], atol=1e-3, err_msg=str(kwargs))
     assert model.train_function.method.name == "trust-ncg"
 
