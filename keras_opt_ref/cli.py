@@ -64,6 +64,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     conf.add_argument("--mutants", action="store_true", help="also run every mutant and print the mutation score")
     conf.add_argument("--out", default="reports", help="folder for conformance.md and conformance.json")
     conf.add_argument("--fail-fast", action="store_true", help="stop each mutant's run at its first failing check")
+    bench_parser = sub.add_parser("bench", help="measure the ratios (floor, HVP, alternatives, Adam) and plot")
+    bench_parser.add_argument("--quick", action="store_true", help="fewer rounds, 10 s of Adam, scaling to 4x only")
+    bench_parser.add_argument("--out", default="reports", help="folder for bench.md, bench.json and bench.png")
+    bench_parser.add_argument("--adam-seconds", type=float, default=None, help="Adam's budget per configuration")
     args = parser.parse_args(argv)
     if args.command in (None, "demo"):
         return demo(getattr(args, "maxiter", 200))
@@ -71,6 +75,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from keras_opt_ref_conformance import report
 
         return report.main(args.impl or ["keras_opt_ref.scipy_optimizer"], args.mutants, args.out, args.fail_fast)
+    if args.command == "bench":
+        from . import bench
+
+        bench.summary(quick=args.quick, out=args.out, adam_seconds=args.adam_seconds)
+        return 0
     parser.error(f"unknown command {args.command!r}")
     return 2
 

@@ -45,7 +45,10 @@ class ScipyTrainFunction:
     Attributes
     ----------
     result : scipy.optimize.OptimizeResult or None
-        The last run's result (``x``, ``fun``, ``success``, ``message``, counts).
+        The last run's result (``x``, ``fun``, ``success``, ``message``, counts) and
+        ``trace``: rows ``(seconds since the start, loss)``, one per iteration (loss
+        ``nan`` where the method reports only ``x`` at a point not evaluated), first the
+        start and last the final weights.
     results : list of OptimizeResult
         One per epoch run so far.
     objective : FullBatchObjective or None
@@ -151,7 +154,7 @@ class ScipyTrainFunction:
             kwargs["hess"] = _counted(objective.hessian, calls, "hev")
         if bounds is not None:
             kwargs["bounds"] = bounds
-        progress.start()
+        progress.start(x0)
         try:
             result = scipy.optimize.minimize(x0=x0, **kwargs)
         except BaseException as exc:  # KeyboardInterrupt included: keep the best point, then re-raise
@@ -196,6 +199,7 @@ class ScipyTrainFunction:
         result.nhev = calls["hev"]
         result.njev = int(result.get("njev", calls["fun"] if self.method.jac else 0) or 0)
         result.nit = int(result.get("nit", 0) or 0)
+        result.trace = np.array(progress.trace + [(time.perf_counter() - progress.started, float(result.fun))])
         self.result = result
         self.results.append(result)
         progress.stop(result)
@@ -280,9 +284,12 @@ class _Progress:
         self.owner, self.objective = owner, objective
         self.iteration = 0
         self.started = 0.0
+        self.trace: list[tuple[float, float]] = [(0.0, math.nan)]
 
-    def start(self) -> None:
+    def start(self, x0: np.ndarray) -> None:
         self.started = time.perf_counter()
+        cached = self.objective.cached(x0)
+        self.trace = [(0.0, cached[0] if cached is not None else math.nan)]
         if self.owner.verbose:
             obj = self.objective
             _print(
@@ -292,8 +299,7 @@ class _Progress:
 
     def __call__(self, intermediate_result: Any) -> None:
         self.iteration += 1
-        if not self.owner.verbose:
-            return
+        elapsed = time.perf_counter() - self.started
         if isinstance(intermediate_result, scipy.optimize.OptimizeResult):
             x, fun = intermediate_result.x, intermediate_result.get("fun")
         else:  # TNC, SLSQP and COBYLA pass only x
@@ -306,6 +312,9 @@ class _Progress:
             if cached[1] is not None:
                 grad_norm = float(np.linalg.norm(cached[1]))
         fun = math.nan if fun is None else float(fun)
+        self.trace.append((elapsed, fun))
+        if not self.owner.verbose:
+            return
         _print(f"{self.iteration:>6} {fun:>14.8g} {grad_norm:>10.3e} {obj.nfev:>6} {obj.nhvp:>6}")
 
     def stop(self, result: Any) -> None:

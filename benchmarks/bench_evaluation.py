@@ -1,0 +1,69 @@
+"""asv: cost of one evaluation, and its ratio to the floor, per workload and size."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from keras_opt_ref import FullBatchObjective, bench, workloads
+
+from ._common import SIZES, WORKLOADS
+
+
+class Evaluation:
+    params = (list(WORKLOADS), list(SIZES))
+    param_names = ("workload", "size")
+    timeout = 300
+
+    def setup(self, name, size):
+        self.workload = workloads.make_workload(name, size)
+        self.objective = FullBatchObjective(self.workload.model, self.workload.x, self.workload.y)
+        self.floor = bench.floor_function(self.objective)
+        x0 = self.objective.flat.read()
+        self.point = bench.cycling_points(x0, 7)
+        self.p = np.random.default_rng(1).normal(size=x0.size)
+        self.floor()
+        self.objective.value_and_grad(self.point())
+        self.objective.hessp(x0, self.p)
+
+    def time_floor(self, name, size):
+        self.floor()
+
+    def time_loss_and_gradient(self, name, size):
+        self.objective.value_and_grad(self.point())
+
+    def time_hvp(self, name, size):
+        self.objective.hessp(self.point(), self.p)
+
+    def peakmem_loss_and_gradient(self, name, size):
+        self.objective.value_and_grad(self.point())
+
+    def track_loss_and_gradient_over_floor(self, name, size):
+        return bench.evaluation_costs(self.workload, rounds=9)["loss+grad / floor"].median
+
+    track_loss_and_gradient_over_floor.unit = "ratio"
+
+    def track_hvp_over_gradient(self, name, size):
+        return bench.evaluation_costs(self.workload, rounds=9)["hvp / loss+grad"].median
+
+    track_hvp_over_gradient.unit = "ratio"
+
+
+class DenseHessian:
+    """The dense Hessian on the small MLP (545 weights), one HVP per weight in a graph loop."""
+
+    timeout = 300
+
+    def setup(self):
+        w = workloads.make_workload("mlp", "small")
+        self.workload = w
+        self.objective = FullBatchObjective(w.model, w.x, w.y)
+        self.x0 = self.objective.flat.read()
+        self.objective.hessian(self.x0)
+
+    def time_dense_hessian(self):
+        self.objective.hessian(self.x0)
+
+    def track_dense_hessian_over_gradient(self):
+        return bench.evaluation_costs(self.workload, rounds=3, dense_hessian=True)["hessian / loss+grad"].median
+
+    track_dense_hessian_over_gradient.unit = "ratio"

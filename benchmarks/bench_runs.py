@@ -1,0 +1,54 @@
+"""asv: one full-batch fit epoch per workload and method: seconds, final loss, counts."""
+
+from __future__ import annotations
+
+from keras_opt_ref import bench, workloads
+
+from ._common import RUN_MAXITER, WORKLOADS
+
+
+class Runs:
+    params = (list(WORKLOADS), list(bench.RUN_METHODS))
+    param_names = ("workload", "method")
+    timeout = 600
+    number = 1
+    repeat = 1
+
+    def setup_cache(self):
+        results = {}
+        for name in WORKLOADS:
+            for method in bench.RUN_METHODS:
+                try:
+                    run = bench.run_method(workloads.make_workload(name, "medium"), method, maxiter=RUN_MAXITER)
+                except ValueError:  # BFGS above bench.MAX_BFGS_WEIGHTS
+                    continue
+                results[(name, method)] = run.__dict__ | {"trace": None}
+        return results
+
+    def setup(self, cache, name, method):
+        if (name, method) not in cache:
+            raise NotImplementedError(f"{method} is not run on {name}: O(n^3) per iteration")
+        self.workload = workloads.make_workload(name, "medium")
+
+    def time_fit_epoch(self, cache, name, method):
+        bench.run_method(self.workload, method, maxiter=RUN_MAXITER)
+
+    def track_final_loss(self, cache, name, method):
+        return cache[(name, method)]["loss"]
+
+    track_final_loss.unit = "loss"
+
+    def track_nfev(self, cache, name, method):
+        return cache[(name, method)]["nfev"]
+
+    track_nfev.unit = "evaluations"
+
+    def track_nhev(self, cache, name, method):
+        return cache[(name, method)]["nhev"]
+
+    track_nhev.unit = "evaluations"
+
+    def track_nit(self, cache, name, method):
+        return cache[(name, method)]["nit"]
+
+    track_nit.unit = "iterations"

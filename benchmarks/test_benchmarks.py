@@ -1,0 +1,148 @@
+"""pytest-benchmark: the same measurements as the asv suite, grouped per workload.
+
+``extra_info`` carries the ratios (to the floor, to a gradient, to the alternatives) and the
+run counts, so that ``--benchmark-json`` / ``--benchmark-autosave`` keep them beside the
+timings for ``--benchmark-compare``. With ``--benchmark-disable`` every benchmark runs once,
+untimed (CI), and the ratios are measured with a single round.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from keras_opt_ref import FullBatchObjective, baselines, bench, workloads
+
+from ._common import ADAM_SECONDS, RUN_MAXITER, SIZES, WORKLOADS
+
+
+def _rounds(benchmark, timed: int) -> int:
+    return 1 if benchmark.disabled else timed
+
+
+def _stats(costs):
+    return {k: {"median": v.median, "min": v.lo, "max": v.hi} for k, v in costs.items()}
+
+
+@pytest.fixture(scope="module")
+def objectives():
+    cache = {}
+
+    def get(name, size):
+        if (name, size) not in cache:
+            w = workloads.make_workload(name, size)
+            cache[(name, size)] = (w, FullBatchObjective(w.model, w.x, w.y))
+        return cache[(name, size)]
+
+    return get
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("name", WORKLOADS)
+def test_floor(benchmark, objectives, name, size):
+    w, objective = objectives(name, size)
+    benchmark.group = f"evaluation {w.label}"
+    benchmark(bench.floor_function(objective))
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("name", WORKLOADS)
+def test_loss_and_gradient(benchmark, objectives, name, size):
+    w, objective = objectives(name, size)
+    benchmark.group = f"evaluation {w.label}"
+    costs = bench.evaluation_costs(w, rounds=_rounds(benchmark, 9), repeat=_rounds(benchmark, 5))
+    benchmark.extra_info.update(_stats(costs))
+    point = bench.cycling_points(objective.flat.read(), 7)
+    f, g = benchmark(lambda: objective.value_and_grad(point()))
+    assert math.isfinite(f) and g.shape == (objective.size,)
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("name", WORKLOADS)
+def test_hvp(benchmark, objectives, name, size):
+    w, objective = objectives(name, size)
+    benchmark.group = f"evaluation {w.label}"
+    x0 = objective.flat.read()
+    p = np.random.default_rng(1).normal(size=x0.size)
+    hp = benchmark(lambda: objective.hessp(x0, p))
+    assert np.all(np.isfinite(hp))
+
+
+def test_dense_hessian_small_mlp(benchmark, objectives):
+    w, objective = objectives("mlp", "small")
+    benchmark.group = "dense Hessian mlp-small"
+    costs = bench.evaluation_costs(w, rounds=_rounds(benchmark, 3), dense_hessian=True)
+    benchmark.extra_info.update(_stats(costs))
+    x0 = objective.flat.read()
+    h = benchmark.pedantic(objective.hessian, args=(x0,), rounds=_rounds(benchmark, 3), iterations=1)
+    np.testing.assert_allclose(h, h.T)
+
+
+@pytest.mark.parametrize("name", ["linear", "factorization"])
+def test_hand_written(benchmark, objectives, name):
+    w, objective = objectives(name, "medium")
+    benchmark.group = f"alternatives {w.label}"
+    costs = bench.hand_written_costs(w, rounds=_rounds(benchmark, 9), repeat=_rounds(benchmark, 5))
+    benchmark.extra_info.update(_stats(costs))
+    manual = bench.hand_written(w, objective.flat)
+    point = bench.cycling_points(objective.flat.read(), 7)
+    benchmark(lambda: manual.value_and_grad(point()))
+
+
+def test_per_batch_loop(benchmark):
+    w = workloads.make_workload("factorization", "medium")
+    benchmark.group = f"alternatives {w.label}"
+    costs = bench.per_batch_loop_costs(w, rounds=_rounds(benchmark, 3))
+    benchmark.extra_info.update(_stats(costs))
+    loop = baselines.PerBatchLoop(w.model, w.x, w.y, batch_size=32)
+    point = bench.cycling_points(loop.flat.read(), 3)
+    benchmark.pedantic(lambda: loop.value_and_grad(point()), rounds=_rounds(benchmark, 3), iterations=1)
+
+
+@pytest.mark.parametrize("method", bench.RUN_METHODS)
+@pytest.mark.parametrize("name", WORKLOADS)
+def test_run(benchmark, name, method):
+    benchmark.group = f"runs {name}-medium"
+    if method == "BFGS" and name != "linear":
+        pytest.skip("scipy's BFGS updates a dense n x n inverse Hessian, O(n^3) per iteration (bench.MAX_BFGS_WEIGHTS)")
+    runs = []
+
+    def run():
+        runs.append(bench.run_method(workloads.make_workload(name, "medium"), method, maxiter=RUN_MAXITER))
+
+    benchmark.pedantic(run, rounds=_rounds(benchmark, 3), iterations=1)
+    last = runs[-1]
+    benchmark.extra_info.update(
+        nit=last.nit, nfev=last.nfev, njev=last.njev, nhev=last.nhev, final_loss=last.loss, message=last.message
+    )
+    assert math.isfinite(last.loss) and last.loss <= last.start_loss, (last.start_loss, last.loss, last.message)
+
+
+def test_time_to_target(benchmark):
+    benchmark.group = "time to target factorization-medium"
+    out = {}
+
+    def measure():
+        configs = ((256, 1e-2),) if benchmark.disabled else ((64, 1e-2), (256, 1e-2), (1024, 1e-2))
+        adam, config, _ = bench.adam_reference("medium", seconds=ADAM_SECONDS, configs=configs)
+        target = float(np.nanmin(adam[:, 1]))
+        out.update(target=target, adam_seconds=bench.time_to_target(adam, target), adam_config=list(config))
+        for method in ("L-BFGS-B", "CG", "Newton-CG", "trust-ncg", "trust-krylov"):
+            run = bench.run_method(workloads.make_workload("factorization", "medium"), method, maxiter=RUN_MAXITER)
+            out[method] = bench.time_to_target(run.trace, target)
+
+    benchmark.pedantic(measure, rounds=1, iterations=1)
+    best = min((v for k, v in out.items() if k in bench.RUN_METHODS and math.isfinite(v)), default=math.nan)
+    out["best_over_adam"] = best / out["adam_seconds"]
+    benchmark.extra_info.update(out)
+
+
+@pytest.mark.parametrize("factor", [1, 4, 16])
+def test_scaling(benchmark, factor):
+    benchmark.group = "scaling factorization"
+    rows = []
+    benchmark.pedantic(lambda: rows.extend(bench.scaling([factor])), rounds=1, iterations=1)
+    benchmark.extra_info.update(rows[-1])
+    assert rows[-1]["seconds per evaluation"] > 0

@@ -1,0 +1,477 @@
+"""The measurements behind asv, pytest-benchmark and ``keras-opt-ref bench``.
+
+Every figure is a ratio to something measured in the same run. Timings are taken round by
+round: within a round each contender is timed back to back (best of ``repeat`` calls), so
+a ratio compares calls made under the same machine load; we report the median ratio over
+the rounds with its min-max (:class:`Stat`).
+
+The floor is one bare compiled TensorFlow value-and-gradient call on the same data with the
+variables already set, float64 NumPy out, XLA as the objective uses it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from . import _keras, baselines, workloads
+from .objective import FullBatchObjective
+from .scipy_optimizer import make_train_function
+
+__all__ = [
+    "RUN_METHODS",
+    "Run",
+    "Stat",
+    "adam_reference",
+    "cycling_points",
+    "evaluation_costs",
+    "floor_function",
+    "hand_written_costs",
+    "per_batch_loop_costs",
+    "round_robin",
+    "run_method",
+    "scaling_probe",
+    "time_to_target",
+]
+
+RUN_METHODS = ("L-BFGS-B", "CG", "BFGS", "Newton-CG", "trust-ncg", "trust-krylov")
+# scipy's BFGS keeps a dense n x n inverse Hessian and updates it with n x n matrix products:
+# O(n^3) per iteration. Measured here: 0.87 s per iteration at n = 2,689 (mlp-medium), 175 s
+# for 200 iterations; at n = 48,000 (factorization) it would need 18 GB. Skipped above this.
+MAX_BFGS_WEIGHTS = 1000
+
+
+@dataclass(frozen=True)
+class Stat:
+    """Median with min-max over rounds."""
+
+    median: float
+    lo: float
+    hi: float
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> Stat:
+        v = np.asarray(values, dtype=float)
+        return cls(float(np.median(v)), float(v.min()), float(v.max()))
+
+    def scaled(self, factor: float) -> Stat:
+        return Stat(self.median * factor, self.lo * factor, self.hi * factor)
+
+    def __str__(self) -> str:
+        return f"{self.median:.3g} [{self.lo:.3g}-{self.hi:.3g}]"
+
+
+def round_robin(fns: dict[str, Callable[[], Any]], rounds: int = 15, repeat: int = 5) -> dict[str, np.ndarray]:
+    """Seconds per call of each function, per round (best of ``repeat``), timed back to back."""
+    for fn in fns.values():  # warm up: tracing and compilation are not per-call costs
+        fn()
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            best = math.inf
+            for _ in range(repeat):
+                start = time.perf_counter()
+                fn()
+                best = min(best, time.perf_counter() - start)
+            times[name].append(best)
+    return {name: np.array(t) for name, t in times.items()}
+
+
+def floor_function(objective: FullBatchObjective) -> Callable[[], tuple[float, np.ndarray]]:
+    """One bare compiled value-and-gradient call at the variables' current values."""
+    model = objective.model
+    tf_vars = [_keras.tf_variable(v) for v in objective.flat.variables]
+    x, y, sample_weight = objective.data
+
+    @tf.function(jit_compile=objective.jit_compile)
+    def value_and_grad():
+        with tf.GradientTape() as tape:
+            loss = model.compute_loss(x=x, y=y, y_pred=model(x, training=False), sample_weight=sample_weight)
+        grads = tape.gradient(loss, tf_vars)
+        return tf.cast(loss, tf.float64), objective.flat.concat(grads)
+
+    def call() -> tuple[float, np.ndarray]:
+        f, g = value_and_grad()
+        return float(f), g.numpy()
+
+    return call
+
+
+def cycling_points(x0: np.ndarray, count: int, seed: int = 0) -> Callable[[], np.ndarray]:
+    """A cycle of distinct points near ``x0``: every call is a memo miss."""
+    rng = np.random.default_rng(seed)
+    points = [x0 + 1e-3 * rng.normal(size=x0.size) for _ in range(count)]
+    state = {"i": 0}
+
+    def next_point() -> np.ndarray:
+        state["i"] = (state["i"] + 1) % count
+        return points[state["i"]]
+
+    return next_point
+
+
+def evaluation_costs(
+    workload: workloads.Workload, *, rounds: int = 15, repeat: int = 5, dense_hessian: bool = False, **objective_kwargs
+) -> dict[str, Stat]:
+    """Seconds per floor, loss+gradient, HVP (and dense Hessian) call, and their ratios."""
+    objective = FullBatchObjective(workload.model, workload.x, workload.y, **objective_kwargs)
+    floor = floor_function(objective)
+    x0 = objective.flat.read()
+    p = np.random.default_rng(1).normal(size=x0.size)
+    point = cycling_points(x0, 7)
+    fns = {
+        "floor": floor,
+        "loss+grad": lambda: objective.value_and_grad(point()),
+        "hvp": lambda: objective.hessp(point(), p),
+    }
+    if dense_hessian:
+        fns["hessian"] = lambda: objective.hessian(x0)
+    t = round_robin(fns, rounds=rounds, repeat=1 if dense_hessian else repeat)
+    out = {f"{name} s": Stat.of(v) for name, v in t.items()}
+    out["loss+grad / floor"] = Stat.of(t["loss+grad"] / t["floor"])
+    out["hvp / loss+grad"] = Stat.of(t["hvp"] / t["loss+grad"])
+    if dense_hessian:
+        out["hessian / loss+grad"] = Stat.of(t["hessian"] / t["loss+grad"])
+    if objective.traces["value_and_grad"] != 1 or objective.traces["hvp"] != 1:
+        raise RuntimeError(f"the objective retraced while being timed: {objective.traces}")
+    return out
+
+
+def per_batch_loop_costs(workload: workloads.Workload, *, batch_size: int = 32, rounds: int = 3) -> dict[str, Stat]:
+    """Reference loss+gradient against a Python loop over mini-batches (the earlier designs)."""
+    objective = FullBatchObjective(workload.model, workload.x, workload.y)
+    loop = baselines.PerBatchLoop(workload.model, workload.x, workload.y, batch_size=batch_size)
+    point = cycling_points(objective.flat.read(), 5)
+    t = round_robin(
+        {"reference": lambda: objective.value_and_grad(point()), "loop": lambda: loop.value_and_grad(point())},
+        rounds=rounds,
+        repeat=1,
+    )
+    return {
+        "reference s": Stat.of(t["reference"]),
+        f"per-batch loop (batch {batch_size}) s": Stat.of(t["loop"]),
+        "loop / reference": Stat.of(t["loop"] / t["reference"]),
+    }
+
+
+def hand_written(workload: workloads.Workload, flat: Any) -> Any:
+    if workload.name == "linear":
+        return baselines.HandWrittenLinear(workload.x, workload.y)
+    if workload.name == "factorization":
+        return baselines.HandWrittenFactorization(workload.factorization, flat)
+    raise ValueError(f"no hand-written objective for {workload.name!r}; there is one for linear and factorization")
+
+
+def hand_written_costs(workload: workloads.Workload, *, rounds: int = 15, repeat: int = 5) -> dict[str, Stat]:
+    """Reference loss+gradient against analytic NumPy / scipy.sparse code for the same loss."""
+    objective = FullBatchObjective(workload.model, workload.x, workload.y)
+    manual = hand_written(workload, objective.flat)
+    point = cycling_points(objective.flat.read(), 7)
+    t = round_robin(
+        {
+            "reference": lambda: objective.value_and_grad(point()),
+            "hand-written": lambda: manual.value_and_grad(point()),
+        },
+        rounds=rounds,
+        repeat=repeat,
+    )
+    return {
+        "reference s": Stat.of(t["reference"]),
+        "hand-written s": Stat.of(t["hand-written"]),
+        "reference / hand-written": Stat.of(t["reference"] / t["hand-written"]),
+    }
+
+
+@dataclass
+class Run:
+    """One ``fit`` epoch of a scipy method: the counts, the final loss and the loss trace."""
+
+    workload: str
+    method: str
+    seconds: float
+    nit: int
+    nfev: int
+    njev: int
+    nhev: int
+    start_loss: float
+    loss: float
+    message: str
+    trace: np.ndarray = field(repr=False)  # rows (seconds, loss)
+
+
+def run_method(workload: workloads.Workload, method: str, maxiter: int = 200, **options: Any) -> Run:
+    """Train the workload's model with one ``fit`` epoch of ``method`` (full batch)."""
+    if method == "BFGS" and sum(int(np.prod(v.shape)) for v in workload.model.trainable_variables) > MAX_BFGS_WEIGHTS:
+        raise ValueError(
+            f"BFGS on {workload.label} skipped: scipy's dense inverse-Hessian update is O(n^3) per iteration"
+        )
+    model = workload.model
+    start_loss = model.evaluate(workload.x, workload.y, batch_size=workload.num_samples, verbose=0)
+    model.train_function = make_train_function(model, method=method, maxiter=maxiter, **options)
+    start = time.perf_counter()
+    model.fit(workload.x, workload.y, batch_size=workload.num_samples, epochs=1, verbose=0)
+    seconds = time.perf_counter() - start
+    r = model.train_function.result
+    return Run(
+        workload.label, method, seconds, int(r.nit), int(r.nfev), int(r.njev), int(r.nhev), float(start_loss),
+        float(r.fun), str(r.message), np.asarray(r.trace),
+    )
+
+
+def time_to_target(trace: np.ndarray, target: float) -> float:
+    """First time in a ``(seconds, loss)`` trace at which the loss is at or below ``target``."""
+    hit = np.nonzero(trace[:, 1] <= target)[0]
+    return float(trace[hit[0], 0]) if hit.size else math.nan
+
+
+def adam_reference(
+    size: str = "medium",
+    *,
+    seconds: float = 60.0,
+    configs: Sequence[tuple[int, float]] = ((64, 1e-2), (256, 1e-2), (1024, 1e-2)),
+) -> tuple[np.ndarray, tuple[int, float], dict[tuple[int, float], np.ndarray]]:
+    """Mini-batch Adam on the factorization for ``seconds`` per (batch size, learning rate).
+
+    Returns the best configuration's trace (rows: training seconds, full-batch loss), that
+    configuration, and all traces. "Best" is the lowest full-batch loss reached.
+    """
+    traces = {}
+    for batch_size, lr in configs:
+        w = workloads.make_workload("factorization", size)
+        objective = FullBatchObjective(w.model, w.x, w.y)
+
+        def full_batch_loss(objective=objective) -> float:
+            return objective.value(objective.flat.read())
+
+        traces[(batch_size, lr)] = baselines.adam_trace(
+            w.model, w.x, w.y, full_batch_loss, seconds=seconds, batch_size=batch_size, learning_rate=lr
+        )
+    best = min(traces, key=lambda c: np.nanmin(traces[c][:, 1]))
+    return traces[best], best, traces
+
+
+def _peak_rss_mib() -> float:
+    """This process's peak resident memory (Linux ``VmHWM``; ``ru_maxrss`` elsewhere).
+
+    ``ru_maxrss`` survives ``fork``/``exec`` on Linux, so a child started by a large parent
+    would report the parent's peak; ``VmHWM`` belongs to the child's own address space.
+    """
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def scaling_probe(factor: int, *, chunk_size: int | None = None, evaluations: int = 20) -> dict[str, float]:
+    """Seconds per loss+gradient and peak memory on the factorization with ``factor`` x the ratings.
+
+    Users and items grow with ``sqrt(factor)`` so the density stays at 2%. Meant to run in a
+    fresh process (see :func:`scaling`), so that the peak memory belongs to this size alone.
+    """
+    users, items, ratings = workloads.FACTORIZATION_SIZES["medium"]
+    grow = math.sqrt(factor)
+    data = workloads.factorization_data(int(users * grow), int(items * grow), ratings * factor)
+    keras = _keras.default_keras()
+    model = workloads.factorization_model(keras, data.n_users, data.n_items)
+    model.compile(loss="mse")
+    kwargs = {} if chunk_size is None else {"chunk_size": chunk_size}
+    objective = FullBatchObjective(model, data.x, data.ratings, **kwargs)
+    point = cycling_points(objective.flat.read(), 3)
+    objective.value_and_grad(point())
+    times = []
+    for _ in range(evaluations):
+        start = time.perf_counter()
+        objective.value_and_grad(point())
+        times.append(time.perf_counter() - start)
+    return {
+        "factor": factor,
+        "ratings": ratings * factor,
+        "weights": objective.size,
+        "chunk_size": objective.chunk_size,
+        "seconds per evaluation": float(np.median(times)),
+        "peak RSS MiB": _peak_rss_mib(),
+    }
+
+
+def scaling(factors: Sequence[int] = (1, 4, 16), **kwargs: Any) -> list[dict[str, float]]:
+    """:func:`scaling_probe` for each factor, each in its own Python process."""
+    rows = []
+    for factor in factors:
+        args = json.dumps({"factor": factor, **kwargs})
+        code = (
+            "import json; from keras_opt_ref import bench; "
+            f"print(json.dumps(bench.scaling_probe(**json.loads({args!r}))))"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True, env={**os.environ}
+        ).stdout
+        rows.append(json.loads(out.strip().splitlines()[-1]))
+    return rows
+
+
+def summary(*, quick: bool = False, out: str = "reports", adam_seconds: float | None = None) -> dict[str, Any]:
+    """Measure everything, print the tables of ratios, write ``bench.json`` and ``bench.png``."""
+    tf.get_logger().setLevel("ERROR")  # each run builds a new model: Keras's retracing notes are expected
+    rounds = 7 if quick else 25
+    adam_seconds = adam_seconds if adam_seconds is not None else (10.0 if quick else 60.0)
+    report: dict[str, Any] = {"quick": quick, "keras": _keras.default_keras().__name__, "tensorflow": tf.__version__}
+    lines: list[str] = []
+
+    def say(text: str = "") -> None:
+        lines.append(text)
+        print(text, flush=True)
+
+    say(f"keras-opt-ref bench ({'quick' if quick else 'full'}): {report['keras']}, tensorflow {tf.__version__}, "
+        f"medians [min-max] over rounds; ratios taken round by round")
+    say("\n## Per evaluation, against the floor (one bare compiled TF value-and-gradient call)")
+    say(f"{'workload':<22} {'weights':>7} {'floor ms':>20} {'loss+grad / floor':>20} {'HVP / loss+grad':>20}")
+    evaluation = {}
+    for name in ("linear", "mlp", "factorization"):
+        w = workloads.make_workload(name, "medium")
+        costs = evaluation_costs(w, rounds=rounds)
+        evaluation[w.label] = costs
+        size = sum(int(np.prod(v.shape)) for v in w.model.trainable_variables)
+        say(f"{w.label:<22} {size:>7} {str(costs['floor s'].scaled(1e3)):>20} "
+            f"{str(costs['loss+grad / floor']):>20} {str(costs['hvp / loss+grad']):>20}")
+    w = workloads.make_workload("mlp", "small")
+    costs = evaluation_costs(w, rounds=3, dense_hessian=True)
+    evaluation["mlp-small dense Hessian"] = costs
+    say(f"dense Hessian, mlp-small: {costs['hessian s']} s per Hessian = {costs['hessian / loss+grad']} loss+grad")
+    report["evaluation"] = evaluation
+
+    say("\n## Against what users would use instead (seconds per loss+gradient evaluation)")
+    loop = per_batch_loop_costs(workloads.make_workload("factorization", "medium"), rounds=3 if quick else 5)
+    say(f"factorization-medium: per-batch Python loop at batch 32 {loop['per-batch loop (batch 32) s']} s, "
+        f"reference {loop['reference s'].scaled(1e3)} ms: loop / reference = {loop['loop / reference']}")
+    report["per_batch_loop"] = loop
+    report["hand_written"] = {}
+    for name in ("linear", "factorization"):
+        w = workloads.make_workload(name, "medium")
+        hw = hand_written_costs(w, rounds=rounds)
+        report["hand_written"][w.label] = hw
+        say(f"{w.label}: hand-written NumPy/scipy.sparse {hw['hand-written s'].scaled(1e3)} ms, "
+            f"reference {hw['reference s'].scaled(1e3)} ms: "
+            f"reference / hand-written = {hw['reference / hand-written']}")
+
+    say("\n## Runs (one fit epoch, full batch, maxiter 200; seconds include tracing and XLA compilation)")
+    say(
+        f"{'workload':<22} {'method':<13} {'seconds':>8} {'nit':>5} {'nfev':>6} {'njev':>6} {'nhev':>6} "
+        f"{'final loss':>12}"
+    )
+    runs = []
+    for name in ("linear", "mlp", "factorization"):
+        for method in RUN_METHODS:
+            w = workloads.make_workload(name, "medium")
+            try:
+                r = run_method(w, method, maxiter=200)
+            except ValueError as exc:
+                say(f"{w.label:<22} {method:<13} skipped: {exc}")
+                continue
+            runs.append(r)
+            say(f"{r.workload:<22} {r.method:<13} {r.seconds:>8.2f} {r.nit:>5} {r.nfev:>6} {r.njev:>6} {r.nhev:>6} "
+                f"{r.loss:>12.4e}")
+    report["runs"] = [{k: v for k, v in r.__dict__.items() if k != "trace"} for r in runs]
+
+    say(f"\n## Time to target on factorization-medium: Adam's best loss within {adam_seconds:g} s")
+    configs = ((256, 1e-2),) if quick else ((64, 1e-2), (256, 1e-2), (1024, 1e-2))
+    adam, config, adam_all = adam_reference("medium", seconds=adam_seconds, configs=configs)
+    target = float(np.nanmin(adam[:, 1]))
+    adam_time = time_to_target(adam, target)
+    say(f"Adam (batch {config[0]}, lr {config[1]:g}; tried {list(adam_all)}): best full-batch loss {target:.4e} "
+        f"after {adam_time:.1f} s of training")
+    say(f"{'method':<13} {'seconds to target':>18} {'/ Adam':>8}")
+    to_target = {}
+    fact_runs = [r for r in runs if r.workload == "factorization-medium"]
+    for r in fact_runs:
+        t = time_to_target(r.trace, target)
+        to_target[r.method] = t
+        say(f"{r.method:<13} {t:>18.3f} {t / adam_time:>8.4f}")
+    best = min((t for t in to_target.values() if math.isfinite(t)), default=math.nan)
+    say(f"best full-batch method / Adam = {best / adam_time:.4f} (target: under 1/3)")
+    report["time_to_target"] = {"target": target, "adam_seconds": adam_time, "adam_config": list(config),
+                                "methods": to_target, "best_over_adam": best / adam_time}
+
+    say("\n## Scaling on the factorization (ratings x1, x4, x16 at 2% density; each size in a fresh process)")
+    factors = (1, 4) if quick else (1, 4, 16)
+    rows = scaling(factors) + scaling([factors[-1]], chunk_size=10**9)  # last: the same, unchunked
+    base = rows[0]
+    for row in rows:
+        chunking = "unchunked" if row["chunk_size"] >= row["ratings"] else f"chunks of {row['chunk_size']}"
+        say(f"x{row['factor']:<3} {row['ratings']:>8} ratings {row['weights']:>8} weights ({chunking}): "
+            f"{row['seconds per evaluation'] * 1e3:8.2f} ms per evaluation "
+            f"({row['seconds per evaluation'] / base['seconds per evaluation']:.2f}x), "
+            f"peak RSS {row['peak RSS MiB']:.0f} MiB")
+    report["scaling"] = rows
+
+    say("\n## Targets (measured medians; the machine is shared, so read them with their min-max above)")
+    mlp, fact = evaluation["mlp-medium"], evaluation["factorization-medium"]
+    targets = [  # (what, measured, target, higher is better)
+        ("loss+grad / floor, mlp-medium", mlp["loss+grad / floor"].median, 1.15, False),
+        ("loss+grad / floor, factorization-medium", fact["loss+grad / floor"].median, 1.15, False),
+        ("HVP / loss+grad, mlp-medium", mlp["hvp / loss+grad"].median, 2.0, False),
+        ("HVP / loss+grad, factorization-medium", fact["hvp / loss+grad"].median, 2.0, False),
+        ("per-batch loop (batch 32) / reference, factorization-medium", loop["loop / reference"].median, 30, True),
+        ("best full-batch seconds to Adam's loss / Adam's seconds", best / adam_time, 1 / 3, False),
+    ]
+    for label, value, limit, higher in targets:
+        met = value >= limit if higher else value <= limit
+        say(f"{'met   ' if met else 'MISSED'} {label}: {value:.3g} (target {'>=' if higher else '<='} {limit:.3g})")
+    report["targets"] = {label: {"measured": value, "target": limit} for label, value, limit, _ in targets}
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "bench.json"), "w") as fh:
+        json.dump(report, fh, indent=2, default=_jsonable)
+    with open(os.path.join(out, "bench.md"), "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+    _plot(fact_runs, adam, config, target, os.path.join(out, "bench.png"))
+    print(f"\nwritten: {out}/bench.md, {out}/bench.json, {out}/bench.png")
+    return report
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Stat):
+        return {"median": value.median, "min": value.lo, "max": value.hi}
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    raise TypeError(type(value))
+
+
+def _plot(runs: Sequence[Run], adam: np.ndarray, config: tuple[int, float], target: float, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for r in runs:
+        finite = np.isfinite(r.trace[:, 1])
+        ax.plot(r.trace[finite, 0], r.trace[finite, 1], marker=".", markersize=3, label=f"{r.method} (full batch)")
+    ax.plot(adam[:, 0], adam[:, 1], color="black", label=f"Adam, batch {config[0]}, lr {config[1]:g}")
+    ax.axhline(target, color="gray", linestyle="--", linewidth=1, label="Adam's best loss (target)")
+    ax.set_xscale("symlog", linthresh=0.1)
+    ax.set_yscale("log")
+    ax.set_xlabel("seconds (training time; Adam's evaluation excluded)")
+    ax.set_ylabel("full-batch training loss (MSE)")
+    ax.set_title("Sparse factorization 2000 x 1000, 40,000 ratings")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,99 @@
+"""The benchmark harness measures what it says: its baselines compute the same objective."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from keras_opt_ref import FullBatchObjective, baselines, bench, scipy_optimizer, workloads
+
+
+def _point(objective, seed=0):
+    return objective.flat.read() + 0.1 * np.random.default_rng(seed).normal(size=objective.size)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_hand_written_factorization_matches_the_reference(keras, bias):
+    data = workloads.factorization_data(*workloads.FACTORIZATION_SIZES["tiny"])
+    model = workloads.factorization_model(keras, data.n_users, data.n_items, bias=bias)
+    model.compile(loss="mse")
+    objective = FullBatchObjective(model, data.x, data.ratings)
+    manual = baselines.HandWrittenFactorization(data, objective.flat)
+    x = _point(objective)
+    f, g = objective.value_and_grad(x)
+    f_manual, g_manual = manual.value_and_grad(x)
+    assert f == pytest.approx(f_manual, rel=1e-5)
+    np.testing.assert_allclose(g, g_manual, rtol=1e-4, atol=1e-6 * np.abs(g_manual).max())
+
+
+def test_hand_written_linear_matches_the_reference(keras):
+    w = workloads.make_workload("linear", "small", keras=keras)
+    objective = FullBatchObjective(w.model, w.x, w.y)
+    x = _point(objective)
+    f, g = objective.value_and_grad(x)
+    f_manual, g_manual = baselines.HandWrittenLinear(w.x, w.y).value_and_grad(x)
+    assert f == pytest.approx(f_manual, rel=1e-5)
+    np.testing.assert_allclose(g, g_manual, rtol=1e-4, atol=1e-6 * np.abs(g_manual).max())
+
+
+def test_per_batch_loop_computes_the_full_batch_objective(keras):
+    data = workloads.factorization_data(*workloads.FACTORIZATION_SIZES["tiny"])
+    model = workloads.factorization_model(keras, data.n_users, data.n_items)
+    model.compile(loss="mse")
+    objective = FullBatchObjective(model, data.x, data.ratings)
+    loop = baselines.PerBatchLoop(model, data.x, data.ratings, batch_size=32)  # 1000 rows: a last batch of 8
+    x = _point(objective)
+    f, g = objective.value_and_grad(x)
+    f_loop, g_loop = loop.value_and_grad(x)
+    assert f == pytest.approx(f_loop, rel=1e-5)
+    np.testing.assert_allclose(g, g_loop, rtol=1e-4, atol=1e-6 * np.abs(g).max())
+
+
+def test_workloads_are_deterministic_and_sized(keras):
+    a = workloads.make_workload("factorization", "small", keras=keras)
+    b = workloads.make_workload("factorization", "small", keras=keras)
+    users, items, ratings = workloads.FACTORIZATION_SIZES["small"]
+    assert a.num_samples == ratings and a.label == "factorization-small"
+    np.testing.assert_array_equal(a.factorization.users, b.factorization.users)
+    for wa, wb in zip(a.model.get_weights(), b.model.get_weights(), strict=True):
+        np.testing.assert_array_equal(wa, wb)
+    pairs = a.factorization.users[:, 0].astype(np.int64) * items + a.factorization.items[:, 0]
+    assert np.unique(pairs).size == ratings, "observed entries must not repeat"
+    mlp = workloads.make_workload("mlp", "medium", keras=keras)
+    assert sum(int(np.prod(v.shape)) for v in mlp.model.trainable_variables) == 2689
+    with pytest.raises(ValueError, match="choose one of"):
+        workloads.make_workload("resnet")
+    with pytest.raises(ValueError, match="choose one of"):
+        workloads.make_workload("mlp", "huge")
+
+
+def test_time_to_target_and_stats():
+    trace = np.array([[0.0, math.nan], [0.5, 3.0], [1.0, 1.0], [2.0, 0.5]])
+    assert bench.time_to_target(trace, 1.0) == 1.0
+    assert bench.time_to_target(trace, 0.1) != bench.time_to_target(trace, 0.1)  # nan: never reached
+    s = bench.Stat.of([3.0, 1.0, 2.0])
+    assert (s.median, s.lo, s.hi) == (2.0, 1.0, 3.0) and str(s) == "2 [1-3]"
+
+
+def test_result_trace_is_the_optimization_history(keras):
+    w = workloads.make_workload("linear", "small", keras=keras)
+    w.model.train_function = scipy_optimizer.make_train_function(w.model, method="L-BFGS-B", maxiter=15)
+    w.model.fit(w.x, w.y, batch_size=w.num_samples, verbose=0)
+    result = w.model.train_function.result
+    trace = result.trace
+    assert trace.shape == (result.nit + 2, 2), "start, one row per iteration, final"
+    assert np.all(np.diff(trace[:, 0]) >= 0), "seconds must not go back"
+    assert trace[-1, 1] == result.fun
+    losses = trace[1:, 1]
+    assert np.all(np.diff(losses) <= 1e-12 * np.abs(losses[:-1])), "L-BFGS-B's iterates decrease the loss"
+
+
+def test_floor_is_the_objective_at_the_current_weights(keras):
+    w = workloads.make_workload("mlp", "small", keras=keras)
+    objective = FullBatchObjective(w.model, w.x, w.y)
+    f_floor, g_floor = bench.floor_function(objective)()
+    f, g = objective.value_and_grad(objective.flat.read())
+    assert f_floor == pytest.approx(f, rel=1e-6)
+    np.testing.assert_allclose(g_floor, g, rtol=1e-5, atol=1e-7)
