@@ -22,12 +22,14 @@ __all__ = [
     "steps_per_execution",
     "flavour",
     "is_compiled",
+    "is_mean_squared_error",
     "iter_layers",
     "keras_module",
     "model_jit_compile",
     "tf_variable",
     "unpack_x_y_sample_weight",
     "variable_name",
+    "variable_regularizers",
 ]
 
 # Layers whose training-mode output is random. The objective is evaluated in
@@ -139,3 +141,39 @@ def iter_layers(layer: Any) -> Iterator[Any]:
     for sub in getattr(layer, "layers", None) or ():
         if sub is not layer:
             yield from iter_layers(sub)
+
+
+_MSE_NAMES = frozenset({"mse", "mean_squared_error", "meansquarederror"})
+
+
+def is_mean_squared_error(loss: Any) -> bool:
+    """Whether a compiled loss (name, function or Loss object) is the mean squared error with
+    Keras's default reduction (the mean over all elements of the batch)."""
+    if isinstance(loss, str):
+        return loss.lower() in _MSE_NAMES
+    names = {getattr(loss, "__name__", ""), type(loss).__name__, getattr(getattr(loss, "fn", None), "__name__", "")}
+    if not any(n.lower() in _MSE_NAMES for n in names if n):
+        return False
+    return str(getattr(loss, "reduction", None) or "auto") in ("auto", "sum_over_batch_size")
+
+
+def variable_regularizers(model: Any) -> tuple[dict[int, Any], list[str]]:
+    """Weight regularizers by ``id`` of the variable, and the layers with activity regularizers.
+
+    Keras 3 keeps a weight's regularizer on the variable; tf-keras keeps it on the layer as
+    ``<weight>_regularizer`` (``kernel_regularizer`` for ``layer.kernel``).
+    """
+    found: dict[int, Any] = {}
+    if flavour(model) == "keras3":
+        found = {id(v): v.regularizer for v in model.trainable_variables if getattr(v, "regularizer", None)}
+    activity = []
+    for layer in iter_layers(model):
+        if getattr(layer, "activity_regularizer", None) is not None:
+            activity.append(layer.name)
+        if flavour(model) == "tf_keras":
+            for attr, regularizer in list(vars(layer).items()):
+                if attr.endswith("_regularizer") and attr != "activity_regularizer" and regularizer is not None:
+                    weight = getattr(layer, attr[: -len("_regularizer")], None)
+                    if weight is not None:
+                        found[id(weight)] = regularizer
+    return found, activity

@@ -17,7 +17,15 @@ import scipy.optimize
 
 from .flat import FlatVariables
 
-__all__ = ["METHODS", "Method", "resolve_method", "scipy_bounds", "solver_options"]
+__all__ = [
+    "ALL_METHOD_NAMES",
+    "LEAST_SQUARES_METHODS",
+    "METHODS",
+    "Method",
+    "resolve_method",
+    "scipy_bounds",
+    "solver_options",
+]
 
 _TRUST = frozenset({"initial_trust_radius", "max_trust_radius", "eta", "gtol", "maxiter", "disp", "return_all"})
 
@@ -29,6 +37,7 @@ class Method:
     hess: str | None  # None, "hessp" (Hessian-vector products) or "hess" (dense matrix)
     bounds: bool
     options: frozenset[str]
+    least_squares: bool = False  # scipy.optimize.least_squares on residuals, not minimize
 
     @property
     def uses_dense_hessian(self) -> bool:
@@ -66,23 +75,38 @@ METHODS: tuple[Method, ...] = (
     _m("trust-krylov", True, "hessp", False, _TRUST | {"inexact"}),
 )
 METHOD_NAMES: tuple[str, ...] = tuple(m.name for m in METHODS)
-_BY_KEY = {m.name.lower(): m for m in METHODS}
+
+_LSQ = "ftol xtol gtol x_scale max_nfev"
+LEAST_SQUARES_METHODS: tuple[Method, ...] = (
+    Method("lm", True, None, False, frozenset(_LSQ.split()), least_squares=True),
+    Method("trf", True, None, True, frozenset(f"{_LSQ} loss f_scale tr_solver tr_options".split()), True),
+    Method("dogbox", True, None, True, frozenset(f"{_LSQ} loss f_scale tr_solver tr_options".split()), True),
+)
+# Options of least_squares that only serve finite differences: refused, the Jacobian is exact.
+FINITE_DIFFERENCE_OPTIONS = frozenset({"diff_step", "jac_sparsity"})
+ALL_METHOD_NAMES: tuple[str, ...] = METHOD_NAMES + tuple(m.name for m in LEAST_SQUARES_METHODS)
+_BY_KEY = {m.name.lower(): m for m in METHODS + LEAST_SQUARES_METHODS}
 
 # keras-opt spelled the iteration limit `maxiter` for every method; TNC calls it `maxfun`.
-_MAXITER_ALIAS = {"TNC": "maxfun"}
+_MAXITER_ALIAS = {"TNC": "maxfun", "lm": "max_nfev", "trf": "max_nfev", "dogbox": "max_nfev"}
 
 
 def resolve_method(method: str) -> Method:
     """Look a method up case-insensitively; unknown names list the valid ones."""
     found = _BY_KEY.get(str(method).lower()) if isinstance(method, str) else None
     if found is None:
-        raise ValueError(f"Unknown method {method!r}; choose one of {list(METHOD_NAMES)}")
+        raise ValueError(f"Unknown method {method!r}; choose one of {list(ALL_METHOD_NAMES)}")
     return found
 
 
 def solver_options(method: Method, maxiter: int | None, options: Mapping[str, Any]) -> dict[str, Any]:
     """The options scipy gets. Unused ones are dropped with a warning naming the valid ones."""
     options = dict(options)
+    exact = sorted(FINITE_DIFFERENCE_OPTIONS & set(options)) if method.least_squares else []
+    if exact:
+        raise ValueError(
+            f"Option(s) {exact} configure finite differences; the Jacobian here is exact (autodiff). Remove them."
+        )
     if maxiter is not None:
         options[_MAXITER_ALIAS.get(method.name, "maxiter")] = int(maxiter)
     unused = sorted(set(options) - method.options)

@@ -27,6 +27,7 @@ import scipy.optimize
 import tensorflow as tf
 
 from . import _keras, checks, methods
+from .least_squares import DEFAULT_MAX_JACOBIAN_BYTES, LeastSquaresObjective
 from .objective import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_MAX_HESSIAN_PARAMS,
@@ -34,9 +35,11 @@ from .objective import (
     check_hessian_size,
 )
 
-__all__ = ["METHODS", "ScipyTrainFunction", "make_train_function"]
+__all__ = ["HESSIANS", "LEAST_SQUARES_METHODS", "METHODS", "ScipyTrainFunction", "make_train_function"]
 
-METHODS = methods.METHOD_NAMES
+METHODS = methods.METHOD_NAMES  # scipy.optimize.minimize
+LEAST_SQUARES_METHODS = tuple(m.name for m in methods.LEAST_SQUARES_METHODS)  # scipy.optimize.least_squares
+HESSIANS = ("exact", "gauss-newton")  # what hess/hessp compute for the minimize methods
 
 
 class ScipyTrainFunction:
@@ -71,27 +74,35 @@ class ScipyTrainFunction:
         jit_compile: bool | None = None,
         hvp_mode: str | None = None,
         max_hessian_params: int = DEFAULT_MAX_HESSIAN_PARAMS,
+        hessian: str = "exact",
+        jacobian: str | None = None,
+        max_jacobian_bytes: int = DEFAULT_MAX_JACOBIAN_BYTES,
         **options: Any,
     ) -> None:
         checks.check_model(model, deterministic=deterministic)
         self.model = model
         self.method = methods.resolve_method(method)
+        self.hessian = _check_hessian_choice(self.method, hessian)
+        self.jacobian = _check_jacobian_choice(self.method, jacobian, options)
         self.options = methods.solver_options(self.method, maxiter, options)
         if bounds is not None and not self.method.bounds:
             raise ValueError(
                 f"Method {self.method.name!r} ignores bounds; use one that honours them: "
-                f"{[m.name for m in methods.METHODS if m.bounds]}"
+                f"{[m.name for m in methods.METHODS + methods.LEAST_SQUARES_METHODS if m.bounds]}"
             )
         self.bounds = bounds
         self.tol = tol
         self.verbose = int(verbose)
-        self._objective_kwargs = dict(
+        self._least_squares = self.method.least_squares or self.hessian == "gauss-newton"
+        self._objective_kwargs: dict[str, Any] = dict(
             chunk_size=chunk_size,
             jit_compile=jit_compile,
             hvp_mode=hvp_mode,
             max_hessian_params=max_hessian_params,
             deterministic=deterministic,
         )
+        if self._least_squares:
+            self._objective_kwargs["max_jacobian_bytes"] = max_jacobian_bytes
         self.objective: FullBatchObjective | None = None
         self.result: scipy.optimize.OptimizeResult | None = None
         self.results: list[scipy.optimize.OptimizeResult] = []
@@ -154,17 +165,59 @@ class ScipyTrainFunction:
             kwargs["hess"] = _counted(objective.hessian, calls, "hev")
         if bounds is not None:
             kwargs["bounds"] = bounds
+        if self.method.least_squares:
+            kwargs = self._least_squares_kwargs(objective, bounds, calls, progress)
+        elif self.hessian == "gauss-newton":
+            if "hessp" in kwargs:
+                kwargs["hessp"] = _counted(objective.gauss_newton_hessp, calls, "hev")
+            if "hess" in kwargs:
+                kwargs["hess"] = _counted(objective.gauss_newton_hessian, calls, "hev")
         progress.start(x0)
         try:
-            result = scipy.optimize.minimize(x0=x0, **kwargs)
+            if self.method.least_squares:
+                result = _least_squares_result(scipy.optimize.least_squares(x0=x0, **kwargs), calls, progress)
+            else:
+                result = scipy.optimize.minimize(x0=x0, **kwargs)
         except BaseException as exc:  # KeyboardInterrupt included: keep the best point, then re-raise
             self._finish(objective, _failed_result(x0, exc), x0, bounds, calls, progress)
             raise
         return self._finish(objective, result, x0, bounds, calls, progress)
 
+    def _least_squares_kwargs(
+        self, objective: Any, bounds: scipy.optimize.Bounds | None, calls: Counter[str], progress: _Progress
+    ) -> dict[str, Any]:
+        m, n = objective.num_residuals, objective.size
+        if self.method.name == "lm" and m < n:
+            raise ValueError(
+                f"method='lm' (MINPACK) needs at least as many residuals as weights: {m} residuals < {n} "
+                "weights. Use method='trf' or 'dogbox', which handle m < n, or fit more data."
+            )
+        mode = self.jacobian or ("dense" if objective.jacobian_bytes() <= objective.max_jacobian_bytes else "operator")
+        options = dict(self.options)
+        if mode == "operator":
+            if self.method.name == "lm" or options.get("x_scale") == "jac":
+                objective.check_jacobian_size()  # lm and x_scale='jac' need the dense matrix: refuse if too large
+                mode = "dense"
+            else:
+                options["tr_solver"] = "lsmr"
+        if mode == "dense":
+            objective.check_jacobian_size()
+        self.jacobian_mode = mode
+        jac = objective.jacobian if mode == "dense" else objective.jacobian_operator
+        kwargs: dict[str, Any] = dict(
+            fun=_counted(objective.residuals, calls, "fun"), jac=_counted(jac, calls, "jev"),
+            method=self.method.name, **options,
+        )
+        if bounds is not None:
+            kwargs["bounds"] = (bounds.lb, bounds.ub)
+        if self.method.name != "lm":  # MINPACK takes no callback
+            kwargs["callback"] = progress
+        return kwargs
+
     def _objective_for(self, x: Any, y: Any, sample_weight: Any) -> FullBatchObjective:
         if self.objective is None:
-            self.objective = self.objective_class(self.model, x, y, sample_weight, **self._objective_kwargs)
+            cls = LeastSquaresObjective if self._least_squares else self.objective_class
+            self.objective = cls(self.model, x, y, sample_weight, **self._objective_kwargs)
         else:
             self.objective.set_data(x, y, sample_weight)
         return self.objective
@@ -254,8 +307,10 @@ def make_train_function(
     model
         A compiled Keras 3 (TensorFlow backend) or tf-keras model.
     method
-        Any ``scipy.optimize.minimize`` method, case-insensitive (see ``METHODS``).
-        Default ``"CG"`` as in keras-opt.
+        Any ``scipy.optimize.minimize`` method, case-insensitive (see ``METHODS``), or
+        ``"lm"``, ``"trf"``, ``"dogbox"``: ``scipy.optimize.least_squares`` on residuals whose
+        squares sum to Keras's loss (loss ``"mse"``, L2 regularizers only). Default ``"CG"``
+        as in keras-opt.
     maxiter
         Iteration limit per epoch (``maxfun`` for TNC); ``None`` keeps scipy's default.
     verbose
@@ -265,8 +320,14 @@ def make_train_function(
         scipy solver options (``gtol=``, ``maxcor=``, ...), plus ``bounds=`` (one
         ``(lo, hi)`` pair, a dict per variable name, or a list per variable), ``tol=``,
         and the objective's settings ``deterministic=``, ``chunk_size=``,
-        ``jit_compile=``, ``hvp_mode=``, ``max_hessian_params=``. Options the method
-        does not use are dropped with a warning.
+        ``jit_compile=``, ``hvp_mode=``, ``max_hessian_params=``. ``hessian="gauss-newton"``
+        hands the Hessian-based minimize methods ``2 J^T J`` (products, or the dense matrix
+        for trust-exact and dogleg) instead of the exact Hessian. For the least-squares
+        methods: ``ftol``, ``xtol``, ``gtol``, ``x_scale``, ``loss``, ``f_scale``,
+        ``max_nfev`` (``maxiter`` is an alias), ``tr_solver``, ``tr_options``;
+        ``jacobian="dense"`` or ``"operator"`` (matrix-free with ``tr_solver="lsmr"``; the
+        default picks it when the dense Jacobian would pass ``max_jacobian_bytes``). Options
+        the method does not use are dropped with a warning.
 
     Returns
     -------
@@ -302,6 +363,8 @@ class _Progress:
         elapsed = time.perf_counter() - self.started
         if isinstance(intermediate_result, scipy.optimize.OptimizeResult):
             x, fun = intermediate_result.x, intermediate_result.get("fun")
+            if "cost" in intermediate_result:  # least_squares: fun holds the residuals; loss = 2 cost
+                fun = 2.0 * float(intermediate_result.cost)
         else:  # TNC, SLSQP and COBYLA pass only x
             x, fun = intermediate_result, None
         obj = self.objective
@@ -334,6 +397,44 @@ def _failed_result(x0: np.ndarray, exc: BaseException) -> scipy.optimize.Optimiz
     return scipy.optimize.OptimizeResult(
         x=x0, fun=math.nan, success=False, status=-1, message=f"stopped by {type(exc).__name__}: {exc}"
     )
+
+
+def _least_squares_result(result: Any, calls: Counter[str], progress: _Progress) -> Any:
+    """least_squares reports ``cost = r . r / 2`` and the residuals as ``fun``: restate as minimize does."""
+    result.residuals = result.fun
+    result.fun = 2.0 * float(result.cost)
+    result.nit = progress.iteration or calls["fun"]  # lm reports no iterations: one per evaluation
+    result.njev = calls["jev"]
+    return result
+
+
+def _check_hessian_choice(method: methods.Method, hessian: str) -> str:
+    if hessian not in HESSIANS:
+        raise ValueError(f"Unknown hessian {hessian!r}; choose one of {HESSIANS}")
+    if hessian == "gauss-newton" and method.hess is None:
+        users = [m.name for m in methods.METHODS if m.hess]
+        raise ValueError(
+            f"hessian='gauss-newton' changes the Hessian a method is handed, and {method.name!r} takes none; "
+            f"use one of {users}, or method='lm'/'trf'/'dogbox' (least squares)."
+        )
+    return hessian
+
+
+def _check_jacobian_choice(method: methods.Method, jacobian: str | None, options: dict[str, Any]) -> str | None:
+    if jacobian is None:
+        return None
+    if not method.least_squares:
+        raise ValueError(f"jacobian= is an option of the least-squares methods {LEAST_SQUARES_METHODS}")
+    if jacobian not in ("dense", "operator"):
+        raise ValueError(f"Unknown jacobian {jacobian!r}; choose 'dense', 'operator' or None (by size)")
+    if jacobian == "operator" and (method.name == "lm" or options.get("x_scale") == "jac"):
+        raise ValueError(
+            "jacobian='operator' (matrix-free, tr_solver='lsmr') works with method='trf' or 'dogbox' and "
+            "without x_scale='jac', which needs the Jacobian's columns; use jacobian='dense'."
+        )
+    if jacobian == "operator" and options.get("tr_solver", "lsmr") != "lsmr":
+        raise ValueError("jacobian='operator' needs tr_solver='lsmr' (scipy's 'exact' needs the matrix)")
+    return jacobian
 
 
 def _counted(fn: Any, calls: Counter[str], name: str) -> Any:
