@@ -203,7 +203,8 @@ class LeastSquaresObjective(FullBatchObjective):
         columns = []
         for k, (pred, target) in enumerate(zip(preds, targets, strict=True)):
             # Per sample, flattened: a target of shape (N,) meets a prediction of shape (N, 1) as Keras does.
-            err = tf.reshape(tf.cast(pred, tf.float64), [size, -1]) - tf.reshape(tf.cast(target, tf.float64), [size, -1])
+            err = tf.reshape(tf.cast(pred, tf.float64), [size, -1])
+            err -= tf.reshape(tf.cast(target, tf.float64), [size, -1])
             scale = tf.constant(self._loss_weights[k] / (self.num_samples * int(err.shape[1])), tf.float64)
             w = weights[k] if len(weights) == len(preds) else weights[0]
             if w is not None:

@@ -116,7 +116,9 @@ def test_trf_bounds_and_matrix_free_jacobian(keras):
     model = workloads.factorization_model(keras, data.n_users, data.n_items)
     model.compile(loss="mse")
     start = full_batch_loss(model, data.x, data.ratings)
-    train = scipy_optimizer.make_train_function(model, method="trf", jacobian="operator", max_nfev=30, bounds=(-0.5, 0.5))
+    train = scipy_optimizer.make_train_function(
+        model, method="trf", jacobian="operator", max_nfev=30, bounds=(-0.5, 0.5)
+    )
     model.train_function = train
     model.fit(data.x, data.ratings, batch_size=len(data.ratings), verbose=0)
     assert train.jacobian_mode == "operator"
