@@ -42,6 +42,15 @@ class Call:
     def options(self) -> dict[str, Any]:
         return dict(self.kwargs.get("options") or {})
 
+    def jacobian(self, x: np.ndarray) -> np.ndarray:
+        """least_squares: the Jacobian handed over at x, as a dense matrix (operators applied to I)."""
+        if not callable(self.jac):
+            raise AssertionError(f"{self.method}: no Jacobian callable was handed to least_squares (got {self.jac!r})")
+        J = self.jac(np.array(x, dtype=np.float64))
+        if hasattr(J, "matmat"):
+            J = J.matmat(np.eye(J.shape[1]))
+        return np.asarray(J.toarray() if hasattr(J, "toarray") else J, dtype=np.float64)
+
     def value(self, x: np.ndarray) -> float:
         out = self.fun(np.array(x, dtype=np.float64))
         return float(out[0] if self.jac is True else out)
@@ -96,7 +105,7 @@ class Observer:
                         dict(kwargs))
             self.calls.append(call)
             counted = dict(kwargs)
-            for name in ("hess", "hessp"):
+            for name in ("jac", "hess", "hessp"):
                 if callable(kwargs.get(name)):
                     counted[name] = _counting(kwargs[name], call.counts, name)
             call.result = real(_counting(fun, call.counts, "fun"), x0, **counted)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from .problems import embedding_data, embedding_model, fit, mlp, regression
-from .truth import central_gradient, directional
+from .truth import central_gradient, central_jacobian, directional, keras_loss_at
 
 RTOL, ATOL = 1e-6, 1e-8
 
@@ -79,3 +79,20 @@ def test_embedding_repeated_indices(impl, observe, keras, float64, with_dense):
     np.testing.assert_allclose(call.gradient(w), central_gradient(call.value, w), rtol=RTOL, atol=ATOL)
     p = np.random.default_rng(4).normal(size=w.size)
     np.testing.assert_allclose(call.hvp(w, p), directional(call.gradient, w, p), rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("method", ["lm", "trf"])
+def test_least_squares_residuals_and_jacobian(impl, observe, keras, float64, method):
+    """Residuals whose squares sum to Keras's loss, and their exact Jacobian."""
+    X, y = regression(n=30)
+    model = mlp(keras, l2=0.02)
+    model.compile(loss="mse")
+    fit(impl, model, X, y, method=method, maxiter=1, batch_size=16)
+    call = observe.last
+    assert call.kind == "least_squares", f"{method}: expected least_squares, got {call.kind}"
+    w = call.x0 + 0.05 * np.random.default_rng(5).normal(size=call.x0.size)
+    r = np.asarray(call.fun(w), dtype=np.float64)
+    np.testing.assert_allclose(r @ r, keras_loss_at(model, w, X, y), rtol=1e-6)
+    J = call.jacobian(w)
+    assert J.shape == (r.size, w.size), f"Jacobian shape {J.shape}, expected {(r.size, w.size)}"
+    np.testing.assert_allclose(J, central_jacobian(call.fun, w), rtol=RTOL, atol=ATOL)

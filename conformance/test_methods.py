@@ -63,3 +63,23 @@ def test_bounds_honoured(impl, observe, keras, method):
     assert observe.last.bounds is not None, f"{method}: bounds were not handed to scipy"
     w = trainable_vector(model)
     assert np.all(w >= lo - 1e-9) and np.all(w <= hi + 1e-9), f"{method}: weights {w} outside [{lo}, {hi}]"
+
+
+LEAST_SQUARES = ("lm", "trf", "dogbox")
+
+
+@pytest.mark.parametrize("method", LEAST_SQUARES)
+def test_least_squares_method_reaches_the_optimum(impl, observe, keras, method):
+    X, y, coef, optimum = linear_problem()
+    model = _linear(keras)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        history = fit(impl, model, X, y, method=method, maxiter=200)
+    assert not _scipy_warnings(caught), f"{method}: scipy warned: {_scipy_warnings(caught)}"
+    call = observe.last
+    assert call.kind == "least_squares", f"{method}: expected scipy.optimize.least_squares, got {call.kind}"
+    assert (call.method or "trf") == method, f"asked for {method}, least_squares got {call.method!r}"
+    assert callable(call.jac), f"{method}: the exact Jacobian must be handed over, got jac={call.jac!r}"
+    final = keras_loss(model, X, y)
+    np.testing.assert_allclose(history.history["loss"][-1], final, rtol=1e-5)
+    assert final <= optimum * (1 + OPTIMUM_RTOL), f"{method}: loss {final} vs closed-form optimum {optimum}"

@@ -46,6 +46,16 @@ def central_gradient(f, x: np.ndarray, h: float = 1e-6) -> np.ndarray:
     return g
 
 
+def central_jacobian(f, x: np.ndarray, h: float = 1e-6) -> np.ndarray:
+    """Columns (f(x + h e_i) - f(x - h e_i)) / 2h of a vector function."""
+    columns = []
+    for i in range(x.size):
+        e = np.zeros_like(x)
+        e[i] = h
+        columns.append((np.asarray(f(x + e), dtype=np.float64) - np.asarray(f(x - e), dtype=np.float64)) / (2 * h))
+    return np.stack(columns, axis=1)
+
+
 def directional(f, x: np.ndarray, p: np.ndarray, h: float = 1e-5) -> np.ndarray:
     return (np.asarray(f(x + h * p)) - np.asarray(f(x - h * p))) / (2 * h)
 
