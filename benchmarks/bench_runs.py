@@ -52,3 +52,28 @@ class Runs:
         return cache[(name, method)]["nit"]
 
     track_nit.unit = "iterations"
+
+
+class LeastSquaresComparison:
+    """lm, trf, trust-ncg with Gauss-Newton and with the exact Hessian, L-BFGS-B on mlp-medium."""
+
+    params = ([label for label, _, _ in bench.LEAST_SQUARES_CONTENDERS],)
+    param_names = ("contender",)
+    timeout = 3600
+    number = 1
+    repeat = 1
+
+    def setup_cache(self):
+        target, rows = bench.least_squares_comparison("medium", maxiter=min(RUN_MAXITER, 10))
+        return {label: {"seconds": r.seconds, "loss": r.loss, "nfev": r.nfev, "to_target": t}
+                for label, r, t in rows} | {"target": target}
+
+    def track_seconds_to_common_target(self, cache, contender):
+        return cache[contender]["to_target"]
+
+    track_seconds_to_common_target.unit = "seconds"
+
+    def track_final_loss(self, cache, contender):
+        return cache[contender]["loss"]
+
+    track_final_loss.unit = "loss"

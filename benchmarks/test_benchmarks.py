@@ -146,3 +146,22 @@ def test_scaling(benchmark, factor):
     benchmark.pedantic(lambda: rows.extend(bench.scaling([factor])), rounds=1, iterations=1)
     benchmark.extra_info.update(rows[-1])
     assert rows[-1]["seconds per evaluation"] > 0
+
+
+def test_least_squares_comparison(benchmark):
+    """Does Levenberg-Marquardt pay off on the MLP? Seconds to a common target, side by side."""
+    benchmark.group = "least squares mlp-medium"
+    out = {}
+
+    def measure():
+        # lm's MINPACK QR of the 5000 x 2689 Jacobian takes ~17 s per evaluation here: CI runs one.
+        maxiter = 1 if benchmark.disabled else 10
+        target, rows = bench.least_squares_comparison("medium", maxiter=maxiter)
+        out["target"] = target
+        for label, r, t in rows:
+            out[label] = {"seconds": r.seconds, "nit": r.nit, "nfev": r.nfev, "njev": r.njev, "nhev": r.nhev,
+                          "final_loss": r.loss, "seconds_to_target": t}
+
+    benchmark.pedantic(measure, rounds=1, iterations=1)
+    benchmark.extra_info.update(out)
+    assert all(math.isfinite(row["final_loss"]) for k, row in out.items() if k != "target")

@@ -37,6 +37,7 @@ __all__ = [
     "evaluation_costs",
     "floor_function",
     "hand_written_costs",
+    "least_squares_comparison",
     "per_batch_loop_costs",
     "round_robin",
     "run_method",
@@ -229,6 +230,35 @@ def run_method(workload: workloads.Workload, method: str, maxiter: int = 200, **
     )
 
 
+# The least-squares comparison on the MLP (issue: does Levenberg-Marquardt pay off here?).
+LEAST_SQUARES_CONTENDERS: tuple[tuple[str, str, dict[str, Any]], ...] = (
+    ("lm", "lm", {}),
+    ("trf", "trf", {}),
+    ("trust-ncg, Gauss-Newton", "trust-ncg", {"hessian": "gauss-newton"}),
+    ("trust-ncg, exact Hessian", "trust-ncg", {}),
+    ("L-BFGS-B", "L-BFGS-B", {}),
+)
+
+
+def least_squares_comparison(
+    size: str = "medium", maxiter: int = 10, minimize_maxiter: int | None = None
+) -> tuple[float, list[tuple[str, Run, float]]]:
+    """Each contender from the same start on the MLP, and the seconds each needs to reach a
+    common target: the worse of the losses lm and trf reach in ``maxiter`` evaluations.
+
+    The least-squares methods get ``maxiter`` evaluations (``max_nfev``); the minimize methods,
+    whose iterations cost about a gradient each, get ``minimize_maxiter`` (30x by default).
+    Returns the target and, per contender, its run and its seconds to the target.
+    """
+    minimize_maxiter = 30 * maxiter if minimize_maxiter is None else minimize_maxiter
+    runs = []
+    for label, method, options in LEAST_SQUARES_CONTENDERS:
+        limit = maxiter if method in ("lm", "trf", "dogbox") else minimize_maxiter
+        runs.append((label, run_method(workloads.make_workload("mlp", size), method, maxiter=limit, **options)))
+    target = max(r.loss for label, r in runs if label in ("lm", "trf"))
+    return target, [(label, r, time_to_target(r.trace, target)) for label, r in runs]
+
+
 def time_to_target(trace: np.ndarray, target: float) -> float:
     """First time in a ``(seconds, loss)`` trace at which the loss is at or below ``target``."""
     hit = np.nonzero(trace[:, 1] <= target)[0]
@@ -407,6 +437,19 @@ def summary(*, quick: bool = False, out: str = "reports", adam_seconds: float | 
     say(f"best full-batch method / Adam = {best / adam_time:.4f} (target: under 1/3)")
     report["time_to_target"] = {"target": target, "adam_seconds": adam_time, "adam_config": list(config),
                                 "methods": to_target, "best_over_adam": best / adam_time}
+
+    ls_size, ls_iter = "medium", (3 if quick else 10)
+    say(f"\n## Least squares against minimize on mlp-{ls_size}: lm and trf get {ls_iter} evaluations, the minimize "
+        f"methods {30 * ls_iter} iterations; target: the worse of lm's and trf's final losses")
+    target_ls, rows_ls = least_squares_comparison(ls_size, maxiter=ls_iter)
+    say(f"{'contender':<26} {'seconds':>8} {'nit':>5} {'nfev':>6} {'njev':>6} {'nhev':>6} {'final loss':>12} "
+        f"{'s to target':>11}")
+    for label, r, t in rows_ls:
+        say(f"{label:<26} {r.seconds:>8.2f} {r.nit:>5} {r.nfev:>6} {r.njev:>6} {r.nhev:>6} {r.loss:>12.4e} {t:>11.2f}")
+    say(f"common target loss {target_ls:.4e}")
+    report["least_squares"] = {"target": target_ls, "rows": [
+        {"contender": label, **{k: v for k, v in r.__dict__.items() if k != "trace"}, "seconds_to_target": t}
+        for label, r, t in rows_ls]}
 
     say("\n## Scaling on the factorization (ratings x1, x4, x16 at 2% density; each size in a fresh process)")
     factors = (1, 4) if quick else (1, 4, 16)
