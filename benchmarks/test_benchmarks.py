@@ -165,3 +165,12 @@ def test_least_squares_comparison(benchmark):
     benchmark.pedantic(measure, rounds=1, iterations=1)
     benchmark.extra_info.update(out)
     assert all(math.isfinite(row["final_loss"]) for k, row in out.items() if k != "target")
+
+
+def test_plot_writes_a_png(tmp_path):
+    """The figure of ``keras-opt-ref bench``, from synthetic traces (nothing timed)."""
+    trace = np.array([[0.0, np.nan], [0.1, 1.0], [0.5, 0.1], [1.0, 0.01]])
+    run = bench.Run("factorization-medium", "L-BFGS-B", 1.0, 3, 4, 4, 0, 1.0, 0.01, "ok", trace)
+    path = tmp_path / "bench.png"
+    bench._plot([run], np.array([[0.0, 1.0], [2.0, 0.05]]), (256, 1e-2), 0.05, str(path))
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -510,6 +510,7 @@ def _plot(runs: Sequence[Run], adam: np.ndarray, config: tuple[int, float], targ
     ax.plot(adam[:, 0], adam[:, 1], color="black", label=f"Adam, batch {config[0]}, lr {config[1]:g}")
     ax.axhline(target, color="gray", linestyle="--", linewidth=1, label="Adam's best loss (target)")
     ax.set_xscale("symlog", linthresh=0.1)
+    ax.set_xlim(left=0)
     ax.set_yscale("log")
     ax.set_xlabel("seconds (training time; Adam's evaluation excluded)")
     ax.set_ylabel("full-batch training loss (MSE)")

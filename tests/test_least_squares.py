@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -194,3 +196,38 @@ def test_jacobian_too_large_refused(keras):
 def test_gauss_newton_needs_a_hessian_method(keras):
     with pytest.raises(ValueError, match="takes none"):
         scipy_optimizer.make_train_function(_compiled(keras), method="CG", hessian="gauss-newton")
+
+
+@pytest.mark.parametrize("failure", ["nan", KeyboardInterrupt()], ids=["nan", "interrupt"])
+def test_least_squares_failure_leaves_best_point(keras, monkeypatch, failure):
+    X, y = regression(n=60)
+    model = _compiled(keras)
+    start = full_batch_loss(model, X, y)
+    real = LeastSquaresObjective.residuals
+    calls = {"n": 0}
+
+    def sabotaged(obj, x):
+        calls["n"] += 1
+        if calls["n"] > 5:  # 1 for the consistency check, then 4 of scipy's
+            if failure == "nan":
+                return np.full(obj.num_residuals, np.nan)
+            raise failure
+        return real(obj, x)
+
+    monkeypatch.setattr(LeastSquaresObjective, "residuals", sabotaged)
+    train = scipy_optimizer.make_train_function(model, method="trf", max_nfev=50)
+    model.train_function = train
+    if failure == "nan":
+        try:
+            model.fit(X, y, verbose=0)
+        except ValueError:  # scipy may refuse non-finite residuals outright
+            pass
+    else:
+        with pytest.raises(KeyboardInterrupt):
+            model.fit(X, y, verbose=0)
+    result = train.result
+    weights = train.objective.flat.read()
+    assert np.all(np.isfinite(weights)), "model left at garbage"
+    np.testing.assert_array_equal(weights, result.x)
+    assert math.isfinite(result.fun) and result.fun < start
+    np.testing.assert_allclose(full_batch_loss(model, X, y), result.fun, rtol=1e-6)
