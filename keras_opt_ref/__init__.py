@@ -16,6 +16,10 @@ __version__ = "0.1.0"
 _LAZY = {
     "scipy_optimizer": ("keras_opt_ref.scipy_optimizer", None),
     "workloads": ("keras_opt_ref.workloads", None),
+    "bench": ("keras_opt_ref.bench", None),
+    "baselines": ("keras_opt_ref.baselines", None),
+    "least_squares": ("keras_opt_ref.least_squares", None),
+    "LeastSquaresObjective": ("keras_opt_ref.least_squares", "LeastSquaresObjective"),
     "FlatVariables": ("keras_opt_ref.flat", "FlatVariables"),
     "FullBatchObjective": ("keras_opt_ref.objective", "FullBatchObjective"),
     "HessianTooLargeError": ("keras_opt_ref.objective", "HessianTooLargeError"),
@@ -29,10 +33,15 @@ __all__ = [
     "FlatVariables",
     "FullBatchObjective",
     "HessianTooLargeError",
+    "LeastSquaresObjective",
     "ScipyTrainFunction",
     "__version__",
+    "baselines",
+    "bench",
+    "least_squares",
     "make_train_function",
     "scipy_optimizer",
+    "workloads",
 ]
 
 

@@ -61,12 +61,12 @@ class LeastSquaresObjective(FullBatchObjective):
         self.max_jacobian_bytes = int(max_jacobian_bytes)
         self._loss_weights = _output_loss_weights(model, len(tf.nest.flatten(self.data[1])))
         self._l2 = _l2_coefficients(model, self.flat)
-        self._ls_functions: dict[str, Any] = {}
         self.nrev = self.njev = 0
         self.check_consistent(self.flat.read())
 
     # --------------------------------------------------------------- layout
     def set_data(self, x: Any, y: Any = None, sample_weight: Any = None) -> None:
+        held = getattr(self, "_chunks", None)
         super().set_data(x, y, sample_weight)
         data_x, data_y, sw = self.data
         if data_y is None:
@@ -76,7 +76,8 @@ class LeastSquaresObjective(FullBatchObjective):
         self.values_per_sample = sum(
             int(np.prod(t.shape[1:], dtype=np.int64)) for t in tf.nest.flatten(data_y)
         )
-        self._ls_functions = {}
+        if self._chunks is not held:  # new data variables (new shapes): new graphs
+            self._ls_functions = {}
 
     @property
     def num_residuals(self) -> int:
