@@ -20,14 +20,14 @@ class Runs:
             for method in bench.RUN_METHODS:
                 try:
                     run = bench.run_method(workloads.make_workload(name, "medium"), method, maxiter=RUN_MAXITER)
-                except ValueError:  # BFGS above bench.MAX_BFGS_WEIGHTS
+                except ValueError:  # bench.skip_reason
                     continue
                 results[(name, method)] = run.__dict__ | {"trace": None}
         return results
 
     def setup(self, cache, name, method):
         if (name, method) not in cache:
-            raise NotImplementedError(f"{method} is not run on {name}: O(n^3) per iteration")
+            raise NotImplementedError(f"{method} is not run on {name}: {bench.skip_reason(name, method)}")
         self.workload = workloads.make_workload(name, "medium")
 
     def time_fit_epoch(self, cache, name, method):

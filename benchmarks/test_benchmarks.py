@@ -105,8 +105,8 @@ def test_per_batch_loop(benchmark):
 @pytest.mark.parametrize("name", WORKLOADS)
 def test_run(benchmark, name, method):
     benchmark.group = f"runs {name}-medium"
-    if method == "BFGS" and name != "linear":
-        pytest.skip("scipy's BFGS updates a dense n x n inverse Hessian, O(n^3) per iteration (bench.MAX_BFGS_WEIGHTS)")
+    if bench.skip_reason(name, method):
+        pytest.skip(bench.skip_reason(name, method))
     runs = []
 
     def run():

@@ -41,15 +41,30 @@ __all__ = [
     "per_batch_loop_costs",
     "round_robin",
     "run_method",
+    "skip_reason",
     "scaling_probe",
     "time_to_target",
 ]
 
-RUN_METHODS = ("L-BFGS-B", "CG", "BFGS", "Newton-CG", "trust-ncg", "trust-krylov")
+RUN_METHODS = ("L-BFGS-B", "CG", "BFGS", "Newton-CG", "trust-ncg", "trust-krylov", "lm", "trf", "dogbox")
 # scipy's BFGS keeps a dense n x n inverse Hessian and updates it with n x n matrix products:
 # O(n^3) per iteration. Measured here: 0.87 s per iteration at n = 2,689 (mlp-medium), 175 s
 # for 200 iterations; at n = 48,000 (factorization) it would need 18 GB. Skipped above this.
 MAX_BFGS_WEIGHTS = 1000
+
+
+def skip_reason(workload_name: str, method: str) -> str | None:
+    """Why a per-run benchmark is not run, or None. Only the linear workload is small enough
+    for BFGS (see MAX_BFGS_WEIGHTS) and for least squares in a routine run: on mlp-medium one
+    lm iteration (MINPACK's QR of a 5000 x 2689 Jacobian) takes about 17 s, which
+    :func:`least_squares_comparison` measures; the factorization has fewer ratings than weights."""
+    if workload_name == "linear":
+        return None
+    if method == "BFGS":
+        return "scipy's dense inverse-Hessian update is O(n^3) per iteration"
+    if method in ("lm", "trf", "dogbox"):
+        return "a dense QR per iteration; see the least-squares comparison"
+    return None
 
 
 @dataclass(frozen=True)
@@ -213,10 +228,9 @@ class Run:
 
 def run_method(workload: workloads.Workload, method: str, maxiter: int = 200, **options: Any) -> Run:
     """Train the workload's model with one ``fit`` epoch of ``method`` (full batch)."""
-    if method == "BFGS" and sum(int(np.prod(v.shape)) for v in workload.model.trainable_variables) > MAX_BFGS_WEIGHTS:
-        raise ValueError(
-            f"BFGS on {workload.label} skipped: scipy's dense inverse-Hessian update is O(n^3) per iteration"
-        )
+    reason = skip_reason(workload.name, method)
+    if reason:
+        raise ValueError(f"{method} on {workload.label} skipped: {reason}")
     model = workload.model
     start_loss = model.evaluate(workload.x, workload.y, batch_size=workload.num_samples, verbose=0)
     model.train_function = make_train_function(model, method=method, maxiter=maxiter, **options)
