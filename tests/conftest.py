@@ -47,6 +47,17 @@ def full_batch_loss(model, x, y=None, sample_weight=None) -> float:
     return float(out[0] if isinstance(out, (list, tuple)) else out)
 
 
+def assert_left_at_a_finite_better_point(train, model, x, y, start: float) -> None:
+    """After a failed or interrupted run: finite weights, equal to result.x, below the start,
+    and the loss reported is Keras's loss there."""
+    result = train.result
+    weights = train.objective.flat.read()
+    assert np.all(np.isfinite(weights)), "model left at garbage"
+    np.testing.assert_array_equal(weights, result.x)
+    assert np.isfinite(result.fun) and result.fun < start, (result.fun, start)
+    np.testing.assert_allclose(full_batch_loss(model, x, y), result.fun, rtol=1e-6)
+
+
 def central_differences(f, x: np.ndarray, h: float = 1e-6) -> np.ndarray:
     """Central finite differences of a scalar or vector function, one coordinate at a time."""
     columns = []

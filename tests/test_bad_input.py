@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import scipy.optimize
-from conftest import full_batch_loss, regression, small_mlp
+from conftest import assert_left_at_a_finite_better_point, full_batch_loss, regression, small_mlp
 
 from keras_opt_ref import FullBatchObjective, HessianTooLargeError, scipy_optimizer
 
@@ -134,11 +134,7 @@ def test_failure_leaves_best_point(keras, monkeypatch, failure):
         with pytest.raises(type(failure)):
             model.fit(X, y, verbose=0)
     result = train.result
-    weights = train.objective.flat.read()
-    assert np.all(np.isfinite(weights)), "model left at garbage"
-    np.testing.assert_array_equal(weights, result.x)
-    assert math.isfinite(result.fun) and result.fun < start
-    np.testing.assert_allclose(full_batch_loss(model, X, y), result.fun, rtol=1e-6)
+    assert_left_at_a_finite_better_point(train, model, X, y, start)
     np.testing.assert_allclose(result.fun, train.objective.best_value, rtol=0)
     if failure != "nan":
         assert type(failure).__name__ in result.message and not result.success

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import central_differences, full_batch_loss, regression, small_mlp
+from conftest import (
+    assert_left_at_a_finite_better_point,
+    central_differences,
+    full_batch_loss,
+    regression,
+    small_mlp,
+)
 
 from keras_opt_ref import scipy_optimizer, workloads
 from keras_opt_ref.least_squares import JacobianTooLargeError, LeastSquaresObjective, NotSquaredErrorError
@@ -225,9 +229,4 @@ def test_least_squares_failure_leaves_best_point(keras, monkeypatch, failure):
     else:
         with pytest.raises(KeyboardInterrupt):
             model.fit(X, y, verbose=0)
-    result = train.result
-    weights = train.objective.flat.read()
-    assert np.all(np.isfinite(weights)), "model left at garbage"
-    np.testing.assert_array_equal(weights, result.x)
-    assert math.isfinite(result.fun) and result.fun < start
-    np.testing.assert_allclose(full_batch_loss(model, X, y), result.fun, rtol=1e-6)
+    assert_left_at_a_finite_better_point(train, model, X, y, start)
