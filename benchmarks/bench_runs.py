@@ -18,10 +18,9 @@ class Runs:
         results = {}
         for name in WORKLOADS:
             for method in bench.RUN_METHODS:
-                try:
-                    run = bench.run_method(workloads.make_workload(name, "medium"), method, maxiter=RUN_MAXITER)
-                except ValueError:  # bench.skip_reason
+                if bench.skip_reason(name, method):
                     continue
+                run = bench.run_method(workloads.make_workload(name, "medium"), method, maxiter=RUN_MAXITER)
                 results[(name, method)] = run.__dict__ | {"trace": None}
         return results
 
