@@ -25,7 +25,6 @@ __all__ = [
     "is_mean_squared_error",
     "iter_layers",
     "keras_module",
-    "model_jit_compile",
     "tf_variable",
     "unpack_x_y_sample_weight",
     "variable_name",
@@ -84,11 +83,6 @@ def is_compiled(model: Any) -> bool:
     if flavour(model) == "tf_keras":
         return bool(getattr(model, "_is_compiled", False))
     return bool(getattr(model, "compiled", False))
-
-
-def model_jit_compile(model: Any) -> bool:
-    """Whether the model asked Keras for XLA (Keras 3 resolves ``"auto"`` in compile)."""
-    return bool(getattr(model, "jit_compile", False))
 
 
 def tf_variable(variable: Any) -> tf.Variable:

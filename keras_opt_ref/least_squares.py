@@ -30,7 +30,7 @@ import scipy.sparse.linalg
 import tensorflow as tf
 
 from . import _keras
-from .objective import FullBatchObjective, _dot, _map_data, check_hessian_size
+from .objective import FullBatchObjective, _dot, check_hessian_size
 
 __all__ = ["JacobianTooLargeError", "LeastSquaresObjective", "NotSquaredErrorError"]
 
@@ -68,7 +68,7 @@ class LeastSquaresObjective(FullBatchObjective):
     def set_data(self, x: Any, y: Any = None, sample_weight: Any = None) -> None:
         held = getattr(self, "_chunks", None)
         super().set_data(x, y, sample_weight)
-        data_x, data_y, sw = self.data
+        _, data_y, sw = self.data
         if data_y is None:
             raise NotSquaredErrorError("least squares needs targets y (fit got none)")
         if sw is not None and any(float(tf.reduce_min(t)) < 0 for t in tf.nest.flatten(sw)):
@@ -199,8 +199,7 @@ class LeastSquaresObjective(FullBatchObjective):
         return fn(*tensors, tf.constant(start, tf.int32))
 
     def _block_residuals(self, start: tf.Tensor, size: int) -> tf.Tensor:
-        x, y, sw = _map_data(lambda t: tf.slice(t, [start, *[0] * (t.shape.rank - 1)], [size, *t.shape[1:]]),
-                             self.data)
+        x, y, sw = self._rows(start, size)
         preds = tf.nest.flatten(self.model(x, training=False))
         targets = tf.nest.flatten(y)
         weights = tf.nest.flatten(sw) if sw is not None else [None]

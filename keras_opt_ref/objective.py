@@ -320,14 +320,41 @@ class FullBatchObjective:
         _, acc = tf.while_loop(lambda i, _: i < count, body, (tf.constant(start), acc), parallel_iterations=1)
         return acc if total is None else tuple(a + b for a, b in zip(acc, total, strict=True))
 
+    def _rows(self, start: tf.Tensor, size: int) -> Any:
+        """Inside a graph: rows ``[start, start + size)`` of the data, gathered from the chunk
+        variables (row ``i`` is head chunk ``i // c``, row ``i % c``, or tail row ``i - full c``)
+        without assembling the whole training set."""
+        head, tail = self._chunks
+        idx = start + tf.range(size)
+        if head is None:
+            return _map_data(lambda t: tf.gather(t, idx), tail)
+        c = self.chunk_size
+        in_head = int(tf.nest.flatten(head)[0].shape[0]) * c
+        at = tf.minimum(idx, in_head - 1)
+        at = tf.stack([at // c, at % c], axis=1)
+        from_tail = tf.maximum(idx - in_head, 0)
+
+        def pick(h, t):
+            rows = tf.gather_nd(tf.convert_to_tensor(h), at)  # a read, not a copy; XLA has no ResourceGatherNd
+            if t.shape[0] == 0:
+                return rows
+            mask = tf.reshape(idx < in_head, [size] + [1] * (rows.shape.rank - 1))
+            return tf.where(mask, rows, tf.gather(t, from_tail))
+
+        return tf.nest.map_structure(lambda h, t: None if t is None else pick(h, t), head, tail)
+
     def _chunk_value(self, chunk: Any, weight: float) -> tuple:
         return (weight * self._loss(chunk),)
 
-    def _chunk_value_and_grad(self, chunk: Any, weight: float) -> tuple:
+    def _chunk_grads(self, chunk: Any, weight: float) -> tuple[tf.Tensor, list[Any]]:
+        """Weighted chunk loss and its gradient per variable (embeddings as ``IndexedSlices``)."""
         with tf.GradientTape(watch_accessed_variables=False) as tape:
             tape.watch(self._tf_vars)
             loss = weight * self._loss(chunk)
-        grads = tape.gradient(loss, self._tf_vars, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        return loss, tape.gradient(loss, self._tf_vars, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+
+    def _chunk_value_and_grad(self, chunk: Any, weight: float) -> tuple:
+        loss, grads = self._chunk_grads(chunk, weight)
         return loss, self.flat.concat(grads)
 
     def _chunk_hvp(self, chunk: Any, weight: float, p: tf.Tensor) -> tuple:
@@ -337,10 +364,7 @@ class FullBatchObjective:
             return (acc.jvp(grad, unconnected_gradients=tf.UnconnectedGradients.ZERO),)
         with tf.GradientTape(watch_accessed_variables=False) as outer:
             outer.watch(self._tf_vars)
-            with tf.GradientTape(watch_accessed_variables=False) as inner:
-                inner.watch(self._tf_vars)
-                loss = weight * self._loss(chunk)
-            grads = inner.gradient(loss, self._tf_vars, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            _, grads = self._chunk_grads(chunk, weight)
             grad_dot_p = _dot(grads, self.flat.split(p))
         hp = outer.gradient(grad_dot_p, self._tf_vars, unconnected_gradients=tf.UnconnectedGradients.ZERO)
         return (self.flat.concat(hp),)

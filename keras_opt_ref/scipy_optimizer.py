@@ -192,16 +192,14 @@ class ScipyTrainFunction:
                 f"method='lm' (MINPACK) needs at least as many residuals as weights: {m} residuals < {n} "
                 "weights. Use method='trf' or 'dogbox', which handle m < n, or fit more data."
             )
-        mode = self.jacobian or ("dense" if objective.jacobian_bytes() <= objective.max_jacobian_bytes else "operator")
         options = dict(self.options)
-        if mode == "operator":
-            if self.method.name == "lm" or options.get("x_scale") == "jac":
-                objective.check_jacobian_size()  # lm and x_scale='jac' need the dense matrix: refuse if too large
-                mode = "dense"
-            else:
-                options["tr_solver"] = "lsmr"
+        needs_dense = self.method.name == "lm" or options.get("x_scale") == "jac"
+        fits = objective.jacobian_bytes() <= objective.max_jacobian_bytes
+        mode = self.jacobian or ("dense" if needs_dense or fits else "operator")
         if mode == "dense":
-            objective.check_jacobian_size()
+            objective.check_jacobian_size()  # refuses above the limit, naming the matrix-free route
+        else:
+            options["tr_solver"] = "lsmr"
         self.jacobian_mode = mode
         jac = objective.jacobian if mode == "dense" else objective.jacobian_operator
         kwargs: dict[str, Any] = dict(
@@ -368,16 +366,15 @@ class _Progress:
         else:  # TNC, SLSQP and COBYLA pass only x
             x, fun = intermediate_result, None
         obj = self.objective
-        cached = obj.cached(x)  # no extra evaluation just to print
-        grad_norm = math.nan
-        if cached is not None:
-            fun = cached[0] if fun is None else fun
-            if cached[1] is not None:
-                grad_norm = float(np.linalg.norm(cached[1]))
+        verbose = self.owner.verbose
+        cached = obj.cached(x) if fun is None or verbose else None  # the memo: no extra evaluation
+        if fun is None and cached is not None:
+            fun = cached[0]
         fun = math.nan if fun is None else float(fun)
         self.trace.append((elapsed, fun))
-        if not self.owner.verbose:
+        if not verbose:
             return
+        grad_norm = float(np.linalg.norm(cached[1])) if cached is not None and cached[1] is not None else math.nan
         _print(f"{self.iteration:>6} {fun:>14.8g} {grad_norm:>10.3e} {obj.nfev:>6} {obj.nhvp:>6}")
 
     def stop(self, result: Any) -> None:
