@@ -1,11 +1,18 @@
-"""pytest plugin: choose the implementation, show it, apply an adopter's xfails, record outcomes."""
+"""pytest plugin: choose the implementation, show it, bound each check's time, apply an adopter's
+xfails, record every outcome with its whole message, and summarize the failures by section."""
 
 from __future__ import annotations
 
+import faulthandler
 import importlib
 import importlib.metadata
 import json
 import os
+import signal
+import sys
+import tempfile
+import threading
+import traceback
 import warnings
 from pathlib import Path
 
@@ -14,6 +21,9 @@ import pytest
 from .spy import Observer
 
 REFERENCE = "keras_opt_ref.scipy_optimizer"
+SECTIONS = ("objective", "derivatives", "methods", "fit_contract", "bad_input")
+DEFAULT_CHECK_TIMEOUT = 300.0  # seconds; a check normally takes 1-10 s
+MESSAGE_LIMIT = 6000
 _SUITE = Path(__file__).resolve().parent
 
 
@@ -21,7 +31,10 @@ def pytest_addoption(parser):
     group = parser.getgroup("keras-opt conformance")
     group.addoption("--impl", default=None, help="module exposing make_train_function (or env KERAS_OPT_IMPL)")
     group.addoption("--xfails-file", default=None, help="file of test ids expected to fail, one per line")
-    group.addoption("--conformance-json", default=None, help="write each test's outcome and message here")
+    group.addoption("--conformance-json", default=None, help="write each check's outcome and message here")
+    group.addoption("--check-timeout", type=float, default=None,
+                    help=f"seconds per check before it fails as hung (default {DEFAULT_CHECK_TIMEOUT:g}, "
+                    "or env KERAS_OPT_CHECK_TIMEOUT); 0 turns the limit off")
 
 
 def implementation_name(config) -> str | None:
@@ -32,6 +45,13 @@ def implementation_name(config) -> str | None:
     if (Path(str(config.rootpath)) / "keras_opt_ref" / "scipy_optimizer.py").exists():
         return REFERENCE
     return None
+
+
+def check_timeout(config) -> float:
+    value = config.getoption("--check-timeout")
+    if value is None:
+        value = float(os.environ.get("KERAS_OPT_CHECK_TIMEOUT", DEFAULT_CHECK_TIMEOUT))
+    return float(value)
 
 
 def _describe(name: str) -> str:
@@ -53,10 +73,14 @@ def pytest_report_header(config):
 
     keras = _keras_module()
     name = implementation_name(config)
-    impl = _describe(name) if name else "NONE (name one with --impl MODULE or KERAS_OPT_IMPL)"
+    try:
+        impl = _describe(name) if name else "NONE (name one with --impl MODULE or KERAS_OPT_IMPL)"
+    except Exception as exc:  # the session fixture reports it properly; the header must not crash
+        impl = f"{name} (cannot be imported: {type(exc).__name__}: {exc})"
+    timeout = check_timeout(config)
     return (
-        f"keras-opt conformance: implementation {impl}; "
-        f"{keras.__name__} {keras.__version__}; tensorflow {tf.__version__}"
+        f"keras-opt conformance: implementation {impl}; {keras.__name__} {keras.__version__}; "
+        f"tensorflow {tf.__version__}; check timeout {f'{timeout:g} s' if timeout else 'off'}"
     )
 
 
@@ -76,7 +100,10 @@ def impl(pytestconfig):
     name = implementation_name(pytestconfig)
     if not name:
         pytest.exit("No implementation named: pass --impl MODULE or set KERAS_OPT_IMPL.", returncode=4)
-    module = importlib.import_module(name)
+    try:
+        module = importlib.import_module(name)
+    except Exception as exc:
+        pytest.exit(f"cannot import {name}: {type(exc).__name__}: {exc}", returncode=4)
     if not callable(getattr(module, "make_train_function", None)):
         pytest.exit(f"{name} has no make_train_function(model, **kwargs).", returncode=4)
     return module
@@ -95,6 +122,10 @@ def keras():
 
 def _in_suite(item) -> bool:
     return Path(str(item.fspath)).resolve().parent == _SUITE
+
+
+def check_id(item) -> str:
+    return f"{Path(str(item.fspath)).stem.removeprefix('test_')}::{item.name}"
 
 
 def pytest_collection_modifyitems(config, items):
@@ -119,7 +150,91 @@ def pytest_collection_modifyitems(config, items):
             warnings.warn(f"xfails file {path}: entry {entry!r} matches no test", UserWarning, stacklevel=1)
 
 
+# ---------------------------------------------------------------------------- time limits
+class CheckTimeout(BaseException):
+    """Raised in the main thread when a check passes its time limit (a BaseException, so that an
+    implementation's ``except Exception`` does not swallow it)."""
+
+
+_HUNG: list[str] = []  # checks that timed out so far
+MAX_HANGS = 3  # after this many, the remaining checks fail at once instead of each waiting out the limit
+
+
+def _stacks(frame) -> str:
+    """The main thread's stack where it hung, and every thread's (faulthandler)."""
+    text = "".join(traceback.format_stack(frame))
+    with tempfile.TemporaryFile(mode="w+") as out:
+        faulthandler.dump_traceback(out, all_threads=True)
+        out.seek(0)
+        threads = out.read()
+    return f"main thread:\n{text}\nall threads (faulthandler):\n{threads}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    limit = check_timeout(item.config)
+    usable = limit > 0 and _in_suite(item) and hasattr(signal, "setitimer")
+    usable = usable and threading.current_thread() is threading.main_thread()
+    if usable and len(_HUNG) >= MAX_HANGS:
+        pytest.fail(f"not run: the implementation already hung in {len(_HUNG)} checks ({', '.join(_HUNG)})",
+                    pytrace=False)
+    if not usable:
+        yield
+        return
+
+    def on_alarm(signum, frame):
+        # Re-armed every 5 s in case the implementation swallows the first one.
+        signal.setitimer(signal.ITIMER_REAL, 5.0)
+        raise CheckTimeout(
+            f"no result in {limit:g} s (--check-timeout): the implementation hung or is far too slow. "
+            f"Its stack at that moment:\n{_stacks(frame)}"
+        )
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, limit)
+    # Last resort if the main thread is stuck in C code and never sees the signal: dump every
+    # thread's stack to stderr and end the process (keras-opt-ref conformance reports the check).
+    faulthandler.dump_traceback_later(limit + 120, exit=True, file=sys.stderr)
+    try:
+        outcome = yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        faulthandler.cancel_dump_traceback_later()
+    excinfo = getattr(outcome, "excinfo", None)
+    if excinfo is not None and excinfo[0] is CheckTimeout:
+        _HUNG.append(check_id(item))
+
+
+# ---------------------------------------------------------------------------- outcomes
 _OUTCOMES: dict[str, dict[str, str]] = {}
+
+
+def _json_path(config) -> str | None:
+    return config.getoption("--conformance-json")
+
+
+def _write_outcomes(config, running: str | None = None) -> None:
+    path = _json_path(config)
+    if path:
+        data = {"implementation": implementation_name(config), "tests": _OUTCOMES, "running": running}
+        Path(path).write_text(json.dumps(data, indent=1))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_protocol(item, nextitem):
+    if _in_suite(item):
+        _write_outcomes(item.config, running=check_id(item))  # a killed run still says which check hung
+
+
+def failure_message(excinfo) -> str:
+    """The whole message of a failure: type and text, every line (expected, actual, explanation)."""
+    exc = excinfo.value
+    text = str(exc).strip()
+    if isinstance(exc, AssertionError) and not text:
+        text = excinfo.exconly()
+    message = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return message if len(message) <= MESSAGE_LIMIT else message[: MESSAGE_LIMIT - 3] + "..."
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -135,13 +250,34 @@ def pytest_runtest_makereport(item, call):
             state = {"passed": "pass", "failed": "fail", "skipped": "skip"}[report.outcome]
         message = ""
         if report.failed and call.excinfo is not None:
-            message = call.excinfo.exconly().splitlines()[0][:300]
-        section = Path(str(item.fspath)).stem.removeprefix("test_")
-        _OUTCOMES[f"{section}::{item.name}"] = {"outcome": state, "message": message}
+            message = failure_message(call.excinfo)
+        _OUTCOMES[check_id(item)] = {"outcome": state, "message": message}
+        _write_outcomes(item.config)
+
+
+def section_summary(outcomes: dict[str, dict[str, str]]) -> list[str]:
+    """One line per contract section: checks passed, and the failing ones by name."""
+    lines = []
+    for section in SECTIONS:
+        mine = {k: v for k, v in outcomes.items() if k.split("::")[0] == section}
+        if not mine:
+            continue
+        failed = [k.split("::", 1)[1] for k, v in mine.items() if v["outcome"] == "fail"]
+        passed = sum(v["outcome"] == "pass" for v in mine.values())
+        line = f"{section}: {passed}/{len(mine)} pass"
+        if failed:
+            line += f"; FAILED {len(failed)}: {', '.join(failed)}"
+        lines.append(line)
+    return lines
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if not _OUTCOMES:
+        return
+    terminalreporter.section(f"keras-opt conformance: {implementation_name(config)}")
+    for line in section_summary(_OUTCOMES):
+        terminalreporter.write_line(line)
 
 
 def pytest_sessionfinish(session, exitstatus):
-    path = session.config.getoption("--conformance-json")
-    if path:
-        name = implementation_name(session.config)
-        Path(path).write_text(json.dumps({"implementation": name, "tests": _OUTCOMES}, indent=1))
+    _write_outcomes(session.config)

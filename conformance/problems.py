@@ -1,4 +1,8 @@
-"""Problems the suite poses: small models and data built here, independent of any implementation."""
+"""Problems the suite poses: small models and data built here, independent of any implementation.
+
+Builders take the Keras module under test (``keras`` or ``tf_keras``), so one problem
+serves both flavours. Custom layers are defined per call for the same reason.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +14,12 @@ METHODS = (
     "SLSQP", "trust-constr", "dogleg", "trust-ncg", "trust-exact", "trust-krylov",
 )
 GRADIENT_FREE = {"Nelder-Mead", "Powell", "COBYLA", "COBYQA"}
-NEEDS_HESSIAN = {"Newton-CG", "dogleg", "trust-ncg", "trust-exact", "trust-krylov"}  # hess or hessp required
+HESSP_METHODS = ("Newton-CG", "trust-ncg", "trust-krylov")  # take hessp (or hess); trust-constr may too
+HESS_METHODS = ("dogleg", "trust-exact")  # need the dense Hessian
+NEEDS_HESSIAN = set(HESSP_METHODS) | set(HESS_METHODS)  # hess or hessp required
 USES_HESSIAN = NEEDS_HESSIAN | {"trust-constr"}
 TAKES_BOUNDS = {"Nelder-Mead", "Powell", "L-BFGS-B", "TNC", "COBYLA", "COBYQA", "SLSQP", "trust-constr"}
+LEAST_SQUARES = ("lm", "trf", "dogbox")
 
 
 def regression(n=50, d=3, seed=0):
@@ -23,12 +30,19 @@ def regression(n=50, d=3, seed=0):
 
 
 def mlp(keras, d=3, hidden=4, l2=0.0):
+    """A small non-convex model (tanh): Gauss-Newton or any other approximation is not its Hessian."""
     reg = keras.regularizers.L2(l2) if l2 else None
     return keras.Sequential([
         keras.Input((d,)),
         keras.layers.Dense(hidden, activation="tanh", kernel_regularizer=reg),
         keras.layers.Dense(1),
     ])
+
+
+def linear(keras, d=3, **dense_kwargs):
+    model = keras.Sequential([keras.Input((d,)), keras.layers.Dense(1, **dense_kwargs)])
+    model.compile(loss="mse")
+    return model
 
 
 def linear_problem(n=40, d=3, seed=1):
@@ -40,6 +54,15 @@ def linear_problem(n=40, d=3, seed=1):
     coef, *_ = np.linalg.lstsq(A, y, rcond=None)
     optimum = float(np.mean((A @ coef - y) ** 2))
     return X, y, coef.ravel(), optimum
+
+
+def nonneg_problem(n=40, seed=2):
+    """y = X @ [1, -2, 0.5]: the unconstrained optimum has a negative weight; NonNeg's optimum (lstsq on
+    the non-negative orthant) does not."""
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, 3))
+    y = X @ np.array([[1.0], [-2.0], [0.5]]) + 0.05 * rng.normal(size=(n, 1))
+    return X, y
 
 
 def embedding_model(keras, with_dense=True, rows=6, width=3):
@@ -55,6 +78,83 @@ def embedding_data(n=40, rows=6, seed=4):
     return ids, rng.normal(size=(n, 1))
 
 
-def fit(impl, model, x, y=None, *, method="L-BFGS-B", maxiter=3, epochs=1, make_kwargs=None, **fit_kwargs):
-    model.train_function = impl.make_train_function(model, method=method, maxiter=maxiter, **(make_kwargs or {}))
-    return model.fit(x, y, epochs=epochs, verbose=0, **fit_kwargs)
+def classification(n=48, seed=6):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, 3))
+    y = (X @ np.array([1.0, -1.0, 0.5]) + 0.3 * rng.normal(size=n) > 0.4).astype("float64").reshape(-1, 1)
+    return X, y
+
+
+def training_mode_model(keras, shift=0.75):
+    """A layer that adds ``shift`` in training mode only: the objective must run in inference mode."""
+
+    class ShiftWhenTraining(keras.layers.Layer):
+        def call(self, inputs, training=None):
+            return inputs + shift if training else inputs
+
+    return keras.Sequential([keras.Input((3,)), keras.layers.Dense(4, activation="tanh"), ShiftWhenTraining(),
+                             keras.layers.Dense(1)])
+
+
+def add_loss_model(keras, strength=0.05):
+    """A layer that adds ``strength * sum(kernel**2)`` through ``add_loss`` (not a kernel_regularizer)."""
+    ops = _ops(keras)
+
+    class PenalizedDense(keras.layers.Layer):
+        def build(self, input_shape):
+            self.kernel = self.add_weight(shape=(int(input_shape[-1]), 1), initializer="glorot_uniform", name="kernel")
+
+        def call(self, inputs):
+            self.add_loss(strength * ops.sum(ops.square(self.kernel)))
+            return ops.matmul(inputs, self.kernel)
+
+    layer = PenalizedDense()
+    model = keras.Sequential([keras.Input((3,)), layer])
+    return model, lambda: strength * float(np.sum(np.square(np.asarray(layer.kernel.numpy(), dtype=np.float64))))
+
+
+def nan_region_model(keras, radius=1.5):
+    """A linear model whose output is NaN once sum(|w|) passes ``radius``; the optimum lies beyond it,
+    so a minimizer runs into NaN losses and must keep the best finite point."""
+    ops = _ops(keras)
+
+    class Guarded(keras.layers.Layer):
+        def build(self, input_shape):
+            self.kernel = self.add_weight(shape=(int(input_shape[-1]), 1), initializer="zeros", name="kernel")
+
+        def call(self, inputs):
+            guard = ops.log(radius - ops.sum(ops.abs(self.kernel)))  # NaN outside the radius
+            return ops.matmul(inputs, self.kernel) + 0.0 * guard
+
+    return keras.Sequential([keras.Input((3,)), Guarded()])
+
+
+def _ops(keras):
+    """Backend-neutral math for custom layers: keras.ops (Keras 3) or TensorFlow (tf-keras)."""
+    ops = getattr(keras, "ops", None)
+    if ops is not None:
+        return ops
+    import tensorflow as tf
+
+    class _TF:
+        sum = staticmethod(tf.reduce_sum)
+        square = staticmethod(tf.square)
+        abs = staticmethod(tf.abs)
+        log = staticmethod(tf.math.log)
+        matmul = staticmethod(tf.matmul)
+
+    return _TF
+
+
+def sequence(keras, X, y, batch):
+    """The data as a keras.utils.PyDataset (tf-keras: Sequence) of batches."""
+    base = getattr(keras.utils, "PyDataset", None) or keras.utils.Sequence
+
+    class Batches(base):
+        def __len__(self):
+            return -(-len(X) // batch)
+
+        def __getitem__(self, i):
+            return X[i * batch : (i + 1) * batch], y[i * batch : (i + 1) * batch]
+
+    return Batches()

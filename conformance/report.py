@@ -1,8 +1,11 @@
 """Run the suite on implementations and print a check x implementation matrix.
 
-Each implementation runs in its own pytest process (a clean Keras session each); outcomes
-come back through the plugin's ``--conformance-json``. Named implementations must pass;
-mutants (``--mutants``) must each fail at least one check. Markdown and JSON go to ``--out``.
+Each implementation runs in its own pytest process (a clean Keras session each), bounded in
+time; outcomes come back through the plugin's ``--conformance-json``, which is rewritten
+after every check, so a run that had to be killed still reports what it got and which check
+was running. Named implementations must pass; mutants (``--mutants``) must each fail at
+least one check; the independent implementations (``--independent``) must fail exactly as
+their catalogue says (the correct one must pass). Markdown and JSON go to ``--out``.
 """
 
 from __future__ import annotations
@@ -14,74 +17,111 @@ import sys
 import tempfile
 from pathlib import Path
 
+from .independent import CORRECT, IMPLEMENTATIONS
 from .mutants import MUTANTS
+from .plugin import section_summary
 
 MUTANT_PACKAGE = "keras_opt_ref_conformance.mutants"
+INDEPENDENT_PACKAGE = "keras_opt_ref_conformance.independent"
+DEFAULT_RUN_TIMEOUT = 1800.0  # seconds for one implementation's whole run
 
 
-def run_suite(impl: str, extra: list[str] | None = None) -> dict:
+def run_suite(impl: str, extra: list[str] | None = None, timeout: float = DEFAULT_RUN_TIMEOUT) -> dict:
+    """The suite's outcomes for one implementation: {"tests": {check: {outcome, message}}, "exit_code", ...}."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "outcomes.json"
         cmd = [
             sys.executable, "-m", "pytest", "--pyargs", "keras_opt_ref_conformance", "--impl", impl,
             "-q", "-p", "no:cacheprovider", "--conformance-json", str(out), *(extra or []),
         ]
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp, env={**os.environ, "PYTHONWARNINGS": ""})
+        env = {**os.environ, "PYTHONWARNINGS": ""}
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp, env=env, timeout=timeout)
+            code, output, killed = proc.returncode, proc.stdout + proc.stderr, False
+        except subprocess.TimeoutExpired as exc:
+            code, killed = -9, True
+            output = _text(exc.stdout) + _text(exc.stderr)
         if not out.exists():
-            tail = (proc.stdout + proc.stderr).strip().splitlines()[-15:]
-            raise RuntimeError(f"the suite did not run for {impl} (exit {proc.returncode}):\n" + "\n".join(tail))
+            tail = output.strip().splitlines()[-15:]
+            raise RuntimeError(f"the suite did not run for {impl} (exit {code}):\n" + "\n".join(tail))
         data = json.loads(out.read_text())
-        data["exit_code"] = proc.returncode
+        running = data.get("running")
+        if running and running not in data["tests"]:
+            why = f"the whole run passed its {timeout:g} s bound" if killed else f"the process ended (exit {code})"
+            stack = "\n".join(output.strip().splitlines()[-40:])
+            data["tests"][running] = {"outcome": "fail", "message": f"no result: {why} during this check.\n{stack}"}
+        data["exit_code"] = code
+        data["killed"] = killed
         return data
+
+
+def _text(value) -> str:
+    if value is None:
+        return ""
+    return value.decode(errors="replace") if isinstance(value, bytes) else value
+
+
+def short_name(impl: str) -> str:
+    return impl.removeprefix(MUTANT_PACKAGE + ".").removeprefix(INDEPENDENT_PACKAGE + ".")
+
+
+def failures(run: dict) -> dict[str, str]:
+    return {check: t["message"] for check, t in run["tests"].items() if t["outcome"] == "fail"}
 
 
 def matrix_markdown(runs: dict[str, dict]) -> str:
     impls = list(runs)
     checks = sorted({check for run in runs.values() for check in run["tests"]})
-    short = {impl: impl.removeprefix(MUTANT_PACKAGE + ".") for impl in impls}
-    lines = ["| check | " + " | ".join(short[i] for i in impls) + " |", "|---|" + "---|" * len(impls)]
+    lines = ["| check | " + " | ".join(short_name(i) for i in impls) + " |", "|---|" + "---|" * len(impls)]
     for check in checks:
         cells = [runs[i]["tests"].get(check, {}).get("outcome", "-") for i in impls]
         lines.append(f"| {check} | " + " | ".join(cells) + " |")
-    failures = [
-        f"- {short[i]} :: {check}: {outcome['message']}"
-        for i in impls
-        for check, outcome in sorted(runs[i]["tests"].items())
-        if outcome["outcome"] == "fail"
-    ]
-    if failures:
-        lines += ["", "Failing assertions:", *failures]
+    for impl in impls:
+        failed = failures(runs[impl])
+        if not failed:
+            continue
+        lines += ["", f"### {short_name(impl)}: failing checks", ""]
+        lines += [f"- {line}" for line in section_summary(runs[impl]["tests"])]
+        for check, message in sorted(failed.items()):
+            body = "\n".join("    " + line for line in message.splitlines())
+            lines += ["", f"**{check}**", "", body]
     return "\n".join(lines)
 
 
-def summary(runs: dict[str, dict], mutants: list[str]) -> tuple[list[str], bool]:
+def summary(runs: dict[str, dict], mutants: list[str], independent: list[str]) -> tuple[list[str], bool]:
     lines, ok = [], True
     for impl, run in runs.items():
         outcomes = [t["outcome"] for t in run["tests"].values()]
         failed = outcomes.count("fail")
         kinds = ("pass", "fail", "xfail", "xpass", "skip")
         counts = ", ".join(f"{outcomes.count(k)} {k}" for k in kinds if outcomes.count(k))
-        if impl in mutants:
-            verdict = "killed" if failed else "SURVIVED"
-            ok &= failed > 0
-        else:
+        correct = impl not in mutants and (impl not in independent or short_name(impl) in CORRECT)
+        if correct:
             verdict = "conforms" if failed == 0 and run["exit_code"] == 0 else "DOES NOT CONFORM"
             ok &= failed == 0 and run["exit_code"] == 0
-        lines.append(f"{impl}: {verdict} ({counts})")
+        else:
+            verdict = "killed" if failed else "SURVIVED"
+            ok &= failed > 0
+        lines.append(f"{short_name(impl)}: {verdict} ({counts})")
+        if failed:
+            lines += [f"  {line}" for line in section_summary(run["tests"]) if "FAILED" in line]
     if mutants:
-        killed = sum(1 for m in mutants if any(t["outcome"] == "fail" for t in runs[m]["tests"].values()))
+        killed = sum(1 for m in mutants if failures(runs[m]))
         lines.append(f"mutation score: {killed}/{len(mutants)} mutants killed")
     return lines, ok
 
 
-def main(impls: list[str], with_mutants: bool, out_dir: str, fail_fast: bool = False) -> int:
+def main(impls: list[str], with_mutants: bool, out_dir: str, fail_fast: bool = False,
+         with_independent: bool = False, timeout: float = DEFAULT_RUN_TIMEOUT, extra: list[str] | None = None) -> int:
     mutants = [f"{MUTANT_PACKAGE}.{name}" for name in MUTANTS] if with_mutants else []
+    independent = [f"{INDEPENDENT_PACKAGE}.{name}" for name in IMPLEMENTATIONS] if with_independent else []
     runs = {}
-    for impl in [*impls, *mutants]:
+    for impl in [*impls, *independent, *mutants]:
         print(f"running the conformance suite on {impl} ...", flush=True)
-        runs[impl] = run_suite(impl, ["-x"] if fail_fast and impl in mutants else None)
+        args = [*(extra or []), *(["-x"] if fail_fast and impl in mutants else [])]
+        runs[impl] = run_suite(impl, args, timeout=timeout)
     table = matrix_markdown(runs)
-    lines, ok = summary(runs, mutants)
+    lines, ok = summary(runs, mutants, independent)
     flavour = "tf-keras" if os.environ.get("TF_USE_LEGACY_KERAS", "") in ("1", "true") else "Keras 3"
     text = f"# keras-opt conformance ({flavour})\n\n" + "\n".join(f"- {line}" for line in lines) + "\n\n" + table + "\n"
     out = Path(out_dir)

@@ -1,4 +1,5 @@
-"""3. Methods: every minimize method, its derivatives, no scipy warnings, the closed-form optimum."""
+"""3. Methods: every minimize method, its derivatives, no scipy warnings, the closed-form optimum; bounds,
+constraints and iteration limits as scipy received them."""
 
 from __future__ import annotations
 
@@ -8,17 +9,22 @@ import numpy as np
 import pytest
 import scipy.optimize
 
-from .problems import GRADIENT_FREE, METHODS, NEEDS_HESSIAN, TAKES_BOUNDS, USES_HESSIAN, fit, linear_problem
+from .expect import fitted_call, history_value
+from .problems import (
+    GRADIENT_FREE,
+    LEAST_SQUARES,
+    METHODS,
+    NEEDS_HESSIAN,
+    TAKES_BOUNDS,
+    USES_HESSIAN,
+    linear,
+    linear_problem,
+    nonneg_problem,
+)
 from .truth import keras_loss, trainable_vector
 
 # Gradient-based methods reach the lstsq optimum: final loss within this relative gap.
 OPTIMUM_RTOL = 1e-4
-
-
-def _linear(keras):
-    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
-    model.compile(loss="mse")
-    return model
 
 
 def _scipy_warnings(caught):
@@ -29,57 +35,101 @@ def _scipy_warnings(caught):
     ]
 
 
+def _same_method(asked: str, got: str) -> bool:
+    return asked.lower() == str(got).lower()
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_method_runs_with_its_derivatives(impl, observe, keras, method):
     X, y, coef, optimum = linear_problem()
-    model = _linear(keras)
+    model = linear(keras)
     start = keras_loss(model, X, y)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        history = fit(impl, model, X, y, method=method, maxiter=500 if method not in GRADIENT_FREE else 2000)
+        history, call = fitted_call(impl, observe, model, X, y, method=method,
+                                    maxiter=500 if method not in GRADIENT_FREE else 2000)
+    assert _same_method(method, call.method), f"asked for {method}, scipy ran {call.describe()}"
     assert not _scipy_warnings(caught), f"{method}: scipy warned: {_scipy_warnings(caught)}"
-    call = observe.last
-    assert call.method.lower() == method.lower(), f"asked for {method}, scipy got {call.method!r}"
-    gets_gradient = call.jac is True or callable(call.jac)
-    assert gets_gradient == (method not in GRADIENT_FREE), f"{method}: gradient handed over = {gets_gradient}"
-    gets_hessian = callable(call.hess) or callable(call.hessp)
+    gets_gradient = call.gradient_route is not None
+    if method in GRADIENT_FREE:
+        assert not gets_gradient, f"{method} uses no gradient but was handed one: {call.describe()}"
+    else:
+        assert gets_gradient, f"{method} needs the exact gradient and got none ({call.gradient_note})"
+    gets_hessian = call.hess is not None or call.hessp is not None
     if method in NEEDS_HESSIAN:
-        assert gets_hessian, f"{method} needs hess or hessp and got neither"
+        assert gets_hessian, f"{method} needs hess or hessp and got neither ({call.hess_note or call.describe()})"
     elif method not in USES_HESSIAN:
-        assert not gets_hessian, f"{method} does not use a Hessian but was handed one"
+        assert not gets_hessian, f"{method} does not use a Hessian but was handed one: {call.describe()}"
     final = keras_loss(model, X, y)
-    assert final <= start * (1 + 1e-9), f"{method}: ended at {final} above the start {start}"
-    np.testing.assert_allclose(history.history["loss"][-1], final, rtol=1e-5)
+    assert final <= start * (1 + 1e-9), f"{method}: the model ended at loss {final:.6g}, above the start {start:.6g}"
+    reported = history_value(history, "loss")
+    assert abs(reported - final) <= 1e-5 * abs(final), (
+        f"{method}: history['loss'] = {reported:.6g} but model.evaluate at the final weights = {final:.6g}"
+    )
     if method not in GRADIENT_FREE:
-        assert final <= optimum * (1 + OPTIMUM_RTOL), f"{method}: loss {final} vs closed-form optimum {optimum}"
+        assert final <= optimum * (1 + OPTIMUM_RTOL), (
+            f"{method}: loss {final:.8g} after up to 500 iterations, but the closed-form (lstsq) optimum is "
+            f"{optimum:.8g}: the method did not converge on a 4-weight linear least-squares problem"
+        )
 
 
 @pytest.mark.parametrize("method", sorted(TAKES_BOUNDS))
 def test_bounds_honoured(impl, observe, keras, method):
     X, y, coef, _ = linear_problem()
-    model = _linear(keras)
+    model = linear(keras)
     lo, hi = -0.2, 0.3
-    fit(impl, model, X, y, method=method, maxiter=300, make_kwargs=dict(bounds=(lo, hi)))
-    assert observe.last.bounds is not None, f"{method}: bounds were not handed to scipy"
+    _, call = fitted_call(impl, observe, model, X, y, method=method, maxiter=300, make_kwargs=dict(bounds=(lo, hi)))
+    assert call.bounds is not None, f"{method}: bounds=({lo}, {hi}) were not handed to scipy ({call.describe()})"
+    got_lo, got_hi = call.bounds
+    assert np.allclose(got_lo, lo) and np.allclose(got_hi, hi), (
+        f"{method}: scipy got bounds lo={got_lo}, hi={got_hi}; asked for ({lo}, {hi}) on every weight"
+    )
     w = trainable_vector(model)
-    assert np.all(w >= lo - 1e-9) and np.all(w <= hi + 1e-9), f"{method}: weights {w} outside [{lo}, {hi}]"
+    assert np.all(w >= lo - 1e-9) and np.all(w <= hi + 1e-9), f"{method}: final weights {w} outside [{lo}, {hi}]"
 
 
-LEAST_SQUARES = ("lm", "trf", "dogbox")
+def test_nonneg_constraint_honoured(impl, observe, keras):
+    """A Keras NonNeg kernel constraint: fit with a bounded method leaves the kernel >= 0, as Keras's own fit does."""
+    X, y = nonneg_problem()
+    model = linear(keras, kernel_constraint=keras.constraints.NonNeg(), use_bias=False)
+    fitted_call(impl, observe, model, X, y, method="L-BFGS-B", maxiter=100)
+    kernel = np.asarray(model.layers[-1].kernel.numpy()).ravel()
+    assert np.all(kernel >= -1e-9), (
+        f"kernel {kernel.round(4)} after fit with L-BFGS-B has negative entries, but the layer has a NonNeg "
+        "constraint (the unconstrained optimum is [1, -2, 0.5]); the constraint was not enforced"
+    )
+
+
+@pytest.mark.parametrize("method", ["L-BFGS-B", "TNC", "trust-ncg", "Nelder-Mead"])
+def test_maxiter_reaches_scipy(impl, observe, keras, method):
+    X, y, _, _ = linear_problem()
+    model = linear(keras)
+    _, call = fitted_call(impl, observe, model, X, y, method=method, maxiter=3)
+    limit = call.iteration_limit
+    expected = "maxfun" if method == "TNC" else "maxiter"
+    got = f"{limit[0]}={limit[1]!r}" if limit else f"no {expected}"
+    assert limit is not None and limit[1] == 3, (
+        f"{method}: make_train_function(maxiter=3), but scipy got {got} ({call.describe()}): "
+        "the iteration limit did not reach scipy"
+    )
+    nit = call.iterations
+    assert nit is None or nit <= 3, f"{method}: scipy reports {nit} iterations with maxiter=3"
 
 
 @pytest.mark.parametrize("method", LEAST_SQUARES)
 def test_least_squares_method_reaches_the_optimum(impl, observe, keras, method):
     X, y, coef, optimum = linear_problem()
-    model = _linear(keras)
+    model = linear(keras)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        history = fit(impl, model, X, y, method=method, maxiter=200)
+        history, call = fitted_call(impl, observe, model, X, y, method=method, maxiter=200)
     assert not _scipy_warnings(caught), f"{method}: scipy warned: {_scipy_warnings(caught)}"
-    call = observe.last
-    assert call.kind == "least_squares", f"{method}: expected scipy.optimize.least_squares, got {call.kind}"
-    assert (call.method or "trf") == method, f"asked for {method}, least_squares got {call.method!r}"
+    assert call.entry == "least_squares", f"{method}: expected scipy.optimize.least_squares, got {call.describe()}"
+    assert call.method == method, f"asked for {method}, least_squares got method={call.method!r}"
     assert callable(call.jac), f"{method}: the exact Jacobian must be handed over, got jac={call.jac!r}"
     final = keras_loss(model, X, y)
-    np.testing.assert_allclose(history.history["loss"][-1], final, rtol=1e-5)
-    assert final <= optimum * (1 + OPTIMUM_RTOL), f"{method}: loss {final} vs closed-form optimum {optimum}"
+    reported = history_value(history, "loss")
+    assert abs(reported - final) <= 1e-5 * abs(final), (
+        f"{method}: history['loss'] = {reported:.6g} but model.evaluate at the final weights = {final:.6g}"
+    )
+    assert final <= optimum * (1 + OPTIMUM_RTOL), f"{method}: loss {final:.8g} vs closed-form optimum {optimum:.8g}"

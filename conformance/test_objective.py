@@ -1,4 +1,11 @@
-"""1. Objective: the value scipy sees is Keras's full-batch loss at the same weights."""
+"""1. Objective: the value scipy sees is Keras's full-batch loss at the same weights.
+
+The truth is ``model.evaluate(batch_size=N)`` at the same weights. The value is read through
+whatever route the implementation gave scipy (``fun``, ``fun`` returning ``(f, g)``, the
+classic wrappers' ``f``/``func``), with its own extra ``args``, at the start weights and at a
+point of the suite's choosing. Only the value is asked here: L-BFGS-B is the method, but no
+derivative is used.
+"""
 
 from __future__ import annotations
 
@@ -6,35 +13,45 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from .problems import fit, mlp, regression
-from .truth import keras_loss_at, trainable_vector
+from .expect import close_scalar, close_vector, fitted_call
+from .problems import add_loss_model, classification, mlp, regression, sequence, training_mode_model
+from .truth import (
+    keras_loss_at,
+    mse_in_training_mode,
+    per_batch_mean_loss,
+    regularization_at,
+    trainable_vector,
+    weights_set_to,
+)
 
 RTOL = 1e-5  # float32 models: sums of 50 terms in a different order agree to ~1e-6
+NOT_FULL_BATCH = "the objective is not the full-batch loss"
 
 
-def _sequence(keras, X, y, batch):
-    base = getattr(keras.utils, "PyDataset", None) or keras.utils.Sequence
-
-    class Batches(base):
-        def __len__(self):
-            return -(-len(X) // batch)
-
-        def __getitem__(self, i):
-            return X[i * batch : (i + 1) * batch], y[i * batch : (i + 1) * batch]
-
-    return Batches()
+def _points(w_start: np.ndarray) -> list[np.ndarray]:
+    return [w_start, w_start + 0.1 * np.random.default_rng(0).normal(size=w_start.size)]
 
 
-def _check(observe, model, w_start, X, y, sw=None):
-    call = observe.calls[0]
-    np.testing.assert_array_equal(
-        call.x0, w_start, err_msg="x0 handed to scipy is not the model's trainable weights in layout order"
+def _check_value(call, model, X, y, sw=None, *, context: str, known=None):
+    for w in _points(call.x0):
+        close_scalar(
+            call.value(w), keras_loss_at(model, w, X, y, sw), rtol=RTOL,
+            what="scipy's f(x)", truth="model.evaluate(batch_size=N) at the same weights",
+            why=f"{NOT_FULL_BATCH} ({context})", known=known(w) if known else None,
+        )
+
+
+def test_x0_is_the_trainable_weights(impl, observe, keras):
+    X, y = regression(n=50)
+    model = mlp(keras)
+    model.compile(loss="mse")
+    w = trainable_vector(model)
+    _, call = fitted_call(impl, observe, model, X, y, batch_size=16)
+    close_vector(
+        call.x0, w, rtol=0, atol=1e-7, what="x0 handed to scipy",
+        truth="the model's trainable weights (model.trainable_variables in order, each in C order)",
+        why="the flat vector's layout is not the interface's",
     )
-    rng = np.random.default_rng(0)
-    for w in (w_start, w_start + 0.1 * rng.normal(size=w_start.size)):
-        got = call.value(w)
-        want = keras_loss_at(model, w, X, y, sw)
-        np.testing.assert_allclose(got, want, rtol=RTOL, err_msg="scipy's f(x) != model.evaluate(batch_size=N) at x")
 
 
 @pytest.mark.parametrize("source", ["arrays-uneven-batches", "tf.data", "pydataset"])
@@ -42,14 +59,17 @@ def test_full_batch_loss_for_data_source(impl, observe, keras, source):
     X, y = regression(n=50)
     model = mlp(keras)
     model.compile(loss="mse")
-    w = trainable_vector(model)
     data = {
         "arrays-uneven-batches": ((X, y), dict(batch_size=16)),
         "tf.data": ((tf.data.Dataset.from_tensor_slices((X, y)).batch(16),), {}),
-        "pydataset": ((_sequence(keras, X, y, 16),), {}),
+        "pydataset": ((sequence(keras, X, y, 16),), {}),
     }[source]
-    fit(impl, model, *data[0], **data[1])
-    _check(observe, model, w, X, y)
+    _, call = fitted_call(impl, observe, model, *data[0], **data[1])
+    _check_value(
+        call, model, X, y, context=f"{source}: batches of 16, 50 samples",
+        known=lambda w: {"the mean of the per-batch losses (batches of 16: 16+16+16+2 rows)":
+                         per_batch_mean_loss(model, w, X, y, 16)},
+    )
 
 
 def test_sample_weights(impl, observe, keras):
@@ -57,18 +77,65 @@ def test_sample_weights(impl, observe, keras):
     sw = np.random.default_rng(3).uniform(0.1, 3.0, size=50)
     model = mlp(keras)
     model.compile(loss="mse")
-    w = trainable_vector(model)
-    fit(impl, model, X, y, sample_weight=sw, batch_size=16)
-    _check(observe, model, w, X, y, sw)
+    _, call = fitted_call(impl, observe, model, X, y, sample_weight=sw, batch_size=16)
+    _check_value(
+        call, model, X, y, sw, context="fit(sample_weight=...), batches of 16",
+        known=lambda w: {"the loss without the sample weights": keras_loss_at(model, w, X, y),
+                         "the mean of the per-batch losses": per_batch_mean_loss(model, w, X, y, 16, sw)},
+    )
+
+
+def test_class_weight(impl, observe, keras):
+    X, y = classification()
+    class_weight = {0: 1.0, 1: 3.0}
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1, activation="sigmoid")])
+    model.compile(loss="binary_crossentropy")
+    _, call = fitted_call(impl, observe, model, X, y, class_weight=class_weight, batch_size=16)
+    sw = np.where(y.ravel() > 0.5, class_weight[1], class_weight[0])
+    _check_value(
+        call, model, X, y, sw, context="fit(class_weight={0: 1, 1: 3}): each sample weighs its class's weight",
+        known=lambda w: {"the loss without the class weights": keras_loss_at(model, w, X, y)},
+    )
 
 
 def test_regularization_losses(impl, observe, keras):
     X, y = regression(n=50)
     model = mlp(keras, l2=0.1)
     model.compile(loss="mse")
-    w = trainable_vector(model)
-    fit(impl, model, X, y, batch_size=16)
-    _check(observe, model, w, X, y)
+    _, call = fitted_call(impl, observe, model, X, y, batch_size=16)
+    _check_value(
+        call, model, X, y, context="an L2 kernel regularizer must be counted once",
+        known=lambda w: {
+            "the loss without the regularization term": keras_loss_at(model, w, X, y) - regularization_at(model, w, X),
+            "the loss with the regularization term counted once per batch (4 batches)":
+                keras_loss_at(model, w, X, y) + 3 * regularization_at(model, w, X),
+        },
+    )
+
+
+def test_add_loss(impl, observe, keras):
+    X, y = regression(n=50)
+    model, penalty = add_loss_model(keras)
+    model.compile(loss="mse")
+    _, call = fitted_call(impl, observe, model, X, y, batch_size=16)
+
+    def without_penalty(w):
+        with weights_set_to(model, w):
+            p = penalty()
+        return {"the loss without the add_loss term": keras_loss_at(model, w, X, y) - p}
+
+    _check_value(call, model, X, y, context="a layer's add_loss term is part of Keras's loss", known=without_penalty)
+
+
+def test_inference_mode(impl, observe, keras):
+    X, y = regression(n=50)
+    model = training_mode_model(keras)
+    model.compile(loss="mse")
+    _, call = fitted_call(impl, observe, model, X, y, batch_size=16)
+    _check_value(
+        call, model, X, y, context="model.evaluate runs the model with training=False",
+        known=lambda w: {"the loss in training mode (model(x, training=True))": mse_in_training_mode(model, w, X, y)},
+    )
 
 
 def test_multi_input_multi_output(impl, observe, keras):
@@ -79,18 +146,80 @@ def test_multi_input_multi_output(impl, observe, keras):
     model.compile(loss=["mse", "mae"], loss_weights=[1.0, 0.5])
     X = [rng.normal(size=(40, 3)), rng.normal(size=(40, 2))]
     Y = [rng.normal(size=(40, 1)), rng.normal(size=(40, 2))]
-    w = trainable_vector(model)
-    fit(impl, model, X, Y, batch_size=16)
-    _check(observe, model, w, X, Y)
+    _, call = fitted_call(impl, observe, model, X, Y, batch_size=16)
+    _check_value(call, model, X, Y, context="two inputs, two outputs (mse + 0.5 mae), batches of 16")
+
+
+def test_steps_per_execution(impl, observe, keras):
+    X, y = regression(n=50)
+    model = mlp(keras)
+    model.compile(loss="mse", steps_per_execution=3)
+    _, call = fitted_call(impl, observe, model, X, y, batch_size=8)
+    assert len(observe.calls) == 1, (
+        f"{len(observe.calls)} scipy runs in one epoch with compile(steps_per_execution=3) and 7 steps "
+        "(Keras calls train_function 3 times): expected one optimization per epoch"
+    )
+    _check_value(call, model, X, y, context="compile(steps_per_execution=3), batches of 8 (7 steps, 3 calls)")
 
 
 def test_repeatable(impl, observe, keras):
     X, y = regression(n=50)
     model = mlp(keras)
     model.compile(loss="mse")
-    fit(impl, model, X, y, batch_size=16)
-    call = observe.last
+    _, call = fitted_call(impl, observe, model, X, y, batch_size=16, shuffle=True)
     w = call.x0 + 0.05
     first = call.value(w)
     call.value(w + 1.0)
-    assert call.value(w) == first, "two evaluations at the same x differ"
+    again = call.value(w)
+    assert again == first, (
+        f"f(x) = {first!r}, then f(x + 1), then f(x) = {again!r}: two evaluations at the same x differ "
+        "(the objective must not depend on the batch order or on earlier calls)"
+    )
+
+
+def test_second_fit_sees_its_own_data(impl, observe, keras):
+    """State carried across fits: the second fit's objective is the second data set's loss."""
+    X1, y1 = regression(n=50, seed=0)
+    X2, y2 = regression(n=50, seed=11)
+    model = mlp(keras)
+    model.compile(loss="mse")
+    fitted_call(impl, observe, model, X1, y1, batch_size=16)
+    try:
+        model.fit(X2, 3.0 * y2, epochs=1, verbose=0, batch_size=16)
+    except Exception as exc:
+        raise AssertionError(f"a second fit with the same train_function raised {type(exc).__name__}: {exc}") from exc
+    assert len(observe.calls) == 2, f"{len(observe.calls)} scipy runs for two fits of one epoch each"
+    call = observe.calls[1]
+    for w in _points(call.x0):
+        close_scalar(
+            call.value(w), keras_loss_at(model, w, X2, 3.0 * y2), rtol=RTOL, what="the second fit's f(x)",
+            truth="model.evaluate on the second fit's data", why="the objective kept the first fit's data",
+            known={"the loss on the first fit's data": keras_loss_at(model, w, X1, y1)},
+        )
+
+
+def test_memo_is_keyed_on_a_copy_of_x(impl, observe, keras, float64):
+    """A memo keyed by object identity, by a reference to x, or by approximate equality returns stale values."""
+    X, y = regression(n=50)
+    model = mlp(keras)
+    model.compile(loss="mse")
+    _, call = fitted_call(impl, observe, model, X, y, batch_size=16)
+    rng = np.random.default_rng(12)
+    w1, w2 = call.x0 + 0.1 * rng.normal(size=call.x0.size), call.x0 + 0.1 * rng.normal(size=call.x0.size)
+    buffer = w1.copy()
+    call.value_in_place(buffer)
+    buffer[:] = w2  # scipy may reuse its array: same object, new values
+    close_scalar(
+        call.value_in_place(buffer), keras_loss_at(model, w2, X, y), rtol=1e-9,
+        what="f(x) after x was changed in place", truth="model.evaluate at the new values",
+        why="the memo is keyed on the array object (or holds a reference to it), not on a copy of its values",
+        known={"f at the array's old values": keras_loss_at(model, w1, X, y)},
+    )
+    near = w2 * (1 + 2e-6) + 2e-9  # np.allclose(near, w2) is True; the losses differ by ~1e-6 relative
+    call.value(w2)
+    close_scalar(
+        call.value(near), keras_loss_at(model, near, X, y), rtol=1e-10,
+        what="f(x') right after f(x), x' = x (1 + 2e-6)", truth="model.evaluate at x'",
+        why="the memo treats nearby points as equal; it must compare x exactly",
+        known={"f(x)": keras_loss_at(model, w2, X, y)},
+    )

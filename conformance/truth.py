@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import numpy as np
 
 
@@ -28,13 +30,55 @@ def keras_loss(model, x, y=None, sample_weight=None) -> float:
     return float(out[0] if isinstance(out, (list, tuple)) else out)
 
 
-def keras_loss_at(model, w: np.ndarray, x, y=None, sample_weight=None) -> float:
+@contextmanager
+def weights_set_to(model, w: np.ndarray):
+    """Inside the block the model's trainable weights are ``w``; afterwards they are restored."""
     saved = trainable_vector(model)
     try:
         set_trainable_vector(model, w)
-        return keras_loss(model, x, y, sample_weight)
+        yield model
     finally:
         set_trainable_vector(model, saved)
+
+
+def keras_loss_at(model, w: np.ndarray, x, y=None, sample_weight=None) -> float:
+    with weights_set_to(model, w):
+        return keras_loss(model, x, y, sample_weight)
+
+
+def per_batch_mean_loss(model, w: np.ndarray, x, y, batch_size: int, sample_weight=None) -> float:
+    """The mean of per-batch losses over fit's batches: keras-opt's objective, wrong for uneven batches."""
+    n = len(_first_leaf(x))
+    losses = []
+    for start in range(0, n, batch_size):
+        part = slice(start, start + batch_size)
+        sw = None if sample_weight is None else sample_weight[part]
+        losses.append(keras_loss_at(model, w, _rows(x, part), _rows(y, part), sw))
+    return float(np.mean(losses))
+
+
+def regularization_at(model, w: np.ndarray, x) -> float:
+    """The data-independent part of Keras's loss at w (weight regularizers and add_loss terms)."""
+    with weights_set_to(model, w):
+        model(_rows(x, slice(0, 1)), training=False)  # add_loss terms are recorded by a call
+        return float(sum(np.asarray(t, dtype=np.float64) for t in model.losses)) if model.losses else 0.0
+
+
+def mse_in_training_mode(model, w: np.ndarray, x, y) -> float:
+    """mean((model(x, training=True) - y)**2) at w: what an objective run in training mode computes."""
+    with weights_set_to(model, w):
+        pred = np.asarray(model(x, training=True), dtype=np.float64)
+        return float(np.mean((pred - np.asarray(y, dtype=np.float64)) ** 2))
+
+
+def _rows(data, part: slice):
+    if data is None:
+        return None
+    if isinstance(data, (list, tuple)):
+        return type(data)(_rows(d, part) for d in data)
+    if isinstance(data, dict):
+        return {k: _rows(v, part) for k, v in data.items()}
+    return data[part]
 
 
 def central_gradient(f, x: np.ndarray, h: float = 1e-6) -> np.ndarray:

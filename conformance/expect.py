@@ -1,0 +1,197 @@
+"""Assertions that diagnose: what was expected, what came back, where the truth came from, and why.
+
+Every failure message says, in the user's words, the value the implementation handed to
+scipy, the suite's independent truth and its source (``model.evaluate``, finite
+differences, lstsq), the difference against the tolerance, and what that means. Where the
+suite can compute what a known bug would produce (the mean of per-batch means, the loss
+without sample weights, ...), a match names the bug.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+from .spy import Call
+
+
+class Refusal:
+    """What a bad-input check accepts as a refusal: an exception raised on purpose, naming the problem."""
+
+    # Raised on purpose: the exception types a refusal may have.
+    ACCEPTED = (ValueError, TypeError, RuntimeError)
+    # ... but not these, which are the signs of a crash.
+    CRASHES = (NotImplementedError, RecursionError, IndexError, KeyError, AttributeError, NameError, UnboundLocalError)
+
+
+def fit(impl, model, x, y=None, *, method="L-BFGS-B", maxiter=3, epochs=1, make_kwargs=None, **fit_kwargs):
+    """make_train_function + fit, as a user writes it. Returns the History."""
+    model.train_function = impl.make_train_function(model, method=method, maxiter=maxiter, **(make_kwargs or {}))
+    return model.fit(x, y, epochs=epochs, verbose=0, **fit_kwargs)
+
+
+def fit_ok(impl, model, x, y=None, **kwargs):
+    """``fit`` that must succeed: an exception fails the check with what was asked and what was raised."""
+    try:
+        return fit(impl, model, x, y, **kwargs)
+    except Exception as exc:
+        asked = ", ".join(f"{k}={v!r}" for k, v in kwargs.items() if k in ("method", "maxiter", "epochs", "batch_size"))
+        raise AssertionError(
+            f"fit raised {type(exc).__name__}: {_one_line(exc)} ({asked}) -- the implementation could not fit "
+            "this valid problem, so nothing else could be checked."
+        ) from exc
+
+
+def fitted_call(impl, observe, model, x, y=None, **kwargs) -> tuple[Any, Call]:
+    """fit (must succeed), then the scipy call it made; NotObserved if it made none."""
+    history = fit_ok(impl, model, x, y, **kwargs)
+    return history, observe.last
+
+
+def history_value(history, key: str, epoch: int = -1):
+    h = getattr(history, "history", None)
+    if not isinstance(h, Mapping) or key not in h:
+        keys = sorted(h) if isinstance(h, Mapping) else h
+        raise AssertionError(f"history has no {key!r} (fit's History.history keys: {keys})")
+    values = h[key]
+    try:
+        return values[epoch]
+    except (IndexError, TypeError):
+        raise AssertionError(f"history[{key!r}] = {values!r}: not one value per epoch") from None
+
+
+def close_scalar(
+    actual: float,
+    expected: float,
+    *,
+    rtol: float,
+    atol: float = 0.0,
+    what: str,
+    truth: str,
+    why: str,
+    known: Mapping[str, float] | None = None,
+) -> None:
+    """Fail unless ``actual`` matches ``expected``; name a known bug whose value it matches."""
+    actual, expected = float(actual), float(expected)
+    if np.isfinite(actual) and abs(actual - expected) <= atol + rtol * abs(expected):
+        return
+    rel = abs(actual - expected) / max(abs(expected), 1e-300)
+    message = (
+        f"{what} = {actual:.6g} but {truth} = {expected:.6g} (relative difference {rel:.2g}, "
+        f"tolerance {rtol:g}): {why}"
+    )
+    message += _matches_known(actual, known, rtol)
+    raise AssertionError(message)
+
+
+def close_vector(
+    actual: Any,
+    expected: Any,
+    *,
+    rtol: float,
+    atol: float,
+    what: str,
+    truth: str,
+    why: str,
+    known: Mapping[str, Any] | None = None,
+) -> None:
+    """Element-wise ``|a - e| <= atol + rtol |e|``, else a message with the worst element and the overall error."""
+    a = np.asarray(actual, dtype=np.float64)
+    e = np.asarray(expected, dtype=np.float64)
+    if a.shape != e.shape:
+        raise AssertionError(f"{what} has shape {a.shape}, but {truth} has shape {e.shape}: {why}")
+    bad = ~(np.abs(a - e) <= atol + rtol * np.abs(e))
+    if not bad.any():
+        return
+    i = int(np.argmax(np.abs(a - e) - rtol * np.abs(e)))
+    overall = float(np.linalg.norm(a - e) / max(np.linalg.norm(e), 1e-300))
+    message = (
+        f"{what} differs from {truth} in {int(bad.sum())} of {a.size} entries (worst: entry {i}, "
+        f"{a.flat[i]:.6g} vs {e.flat[i]:.6g}; ||got - expected|| / ||expected|| = {overall:.2g}; "
+        f"tolerance rtol={rtol:g}, atol={atol:g}): {why}"
+    )
+    message += _matches_known(a, known, rtol)
+    raise AssertionError(message)
+
+
+def _matches_known(actual: Any, known: Mapping[str, Any] | None, rtol: float) -> str:
+    for name, value in (known or {}).items():
+        v = np.asarray(value, dtype=np.float64)
+        a = np.asarray(actual, dtype=np.float64)
+        if v.shape == a.shape and np.all(np.abs(a - v) <= max(rtol, 1e-9) * (np.abs(v) + 1e-12)):
+            return f" It equals {name}."
+    return ""
+
+
+def float64_vector(value: Any, n: int, what: str) -> np.ndarray:
+    """The contract's boundary type: a float64 NumPy vector of length n."""
+    if not isinstance(value, np.ndarray) or value.dtype != np.float64 or value.shape != (n,):
+        raise AssertionError(
+            f"{what} must be a float64 numpy vector of shape ({n},) at the scipy boundary; got "
+            f"{type(value).__name__} dtype={getattr(value, 'dtype', None)} shape={getattr(value, 'shape', None)}"
+        )
+    return value
+
+
+def expect_refusal(attempt: Callable[[], Any], *, problem: str, keywords: tuple[str, ...], observe) -> str:
+    """The bad input must be refused on purpose, before any scipy work, with a message naming it.
+
+    A refusal is a ValueError/TypeError/RuntimeError (not a crash type such as AttributeError,
+    KeyError or a TensorFlow op error) whose message names the problem (one of ``keywords``,
+    case-insensitive), raised before any ``scipy.optimize`` call.
+    """
+    before = len(observe.calls)
+    try:
+        attempt()
+    except Refusal.ACCEPTED as exc:
+        if isinstance(exc, Refusal.CRASHES):
+            raise AssertionError(_crash(problem, exc)) from exc
+        text = str(exc)
+        if not any(k.lower() in text.lower() for k in keywords):
+            raise AssertionError(
+                f"{problem}: refused with {type(exc).__name__}: {_one_line(exc)!r}, but the message does not name "
+                f"the problem (expected one of {list(keywords)}); a user cannot act on it."
+            ) from exc
+        started = len(observe.calls) - before
+        if started:
+            raise AssertionError(
+                f"{problem}: refused only after scipy.optimize.{observe.calls[before].entry} had started "
+                f"({sum(observe.calls[before].counts.values())} evaluations): bad input must be refused "
+                "before any work."
+            ) from exc
+        return text
+    except Exception as exc:
+        raise AssertionError(_crash(problem, exc)) from exc
+    raise AssertionError(
+        f"{problem}: accepted without an error (fit returned normally). Expected a ValueError/TypeError naming "
+        f"the problem ({' / '.join(keywords)})."
+    )
+
+
+def _crash(problem: str, exc: BaseException) -> str:
+    origin = _origin(exc)
+    return (
+        f"{problem}: the implementation crashed instead of refusing: {type(exc).__name__}: {_one_line(exc)} "
+        f"(raised in {origin}). A refusal is a ValueError/TypeError raised on purpose, with a message naming the "
+        "problem and the fix."
+    )
+
+
+def _origin(exc: BaseException) -> str:
+    tb = exc.__traceback__
+    last = None
+    while tb is not None:
+        last = tb
+        tb = tb.tb_next
+    if last is None:
+        return "unknown code"
+    module = last.tb_frame.f_globals.get("__name__", "?")
+    return f"{module}, line {last.tb_lineno}"
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
