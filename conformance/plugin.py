@@ -161,13 +161,14 @@ MAX_HANGS = 3  # after this many, the remaining checks fail at once instead of e
 
 
 def _stacks(frame) -> str:
-    """The main thread's stack where it hung, and every thread's (faulthandler)."""
-    text = "".join(traceback.format_stack(frame))
+    """The main thread's stack where it hung (innermost frames first, so that a cut message keeps
+    them), then every thread's (faulthandler)."""
+    text = "".join(reversed(traceback.format_stack(frame)[-25:]))
     with tempfile.TemporaryFile(mode="w+") as out:
         faulthandler.dump_traceback(out, all_threads=True)
         out.seek(0)
         threads = out.read()
-    return f"main thread:\n{text}\nall threads (faulthandler):\n{threads}"
+    return f"main thread, most recent call first:\n{text}\nall threads (faulthandler):\n{threads}"
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -26,12 +26,18 @@ INDEPENDENT_PACKAGE = "keras_opt_ref_conformance.independent"
 DEFAULT_RUN_TIMEOUT = 1800.0  # seconds for one implementation's whole run
 
 
-def run_suite(impl: str, extra: list[str] | None = None, timeout: float = DEFAULT_RUN_TIMEOUT) -> dict:
-    """The suite's outcomes for one implementation: {"tests": {check: {outcome, message}}, "exit_code", ...}."""
+def run_suite(
+    impl: str, extra: list[str] | None = None, timeout: float = DEFAULT_RUN_TIMEOUT, checks: list[str] | None = None
+) -> dict:
+    """The suite's outcomes for one implementation: {"tests": {check: {outcome, message}}, "exit_code", ...}.
+
+    ``checks`` (ids such as ``"derivatives::test_hvp_matches_finite_differences[trust-ncg]"``) runs only those.
+    """
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "outcomes.json"
+        targets = ["--pyargs", "keras_opt_ref_conformance"] if not checks else [node_id(c) for c in checks]
         cmd = [
-            sys.executable, "-m", "pytest", "--pyargs", "keras_opt_ref_conformance", "--impl", impl,
+            sys.executable, "-m", "pytest", *targets, "--impl", impl,
             "-q", "-p", "no:cacheprovider", "--conformance-json", str(out), *(extra or []),
         ]
         env = {**os.environ, "PYTHONWARNINGS": ""}
@@ -53,6 +59,12 @@ def run_suite(impl: str, extra: list[str] | None = None, timeout: float = DEFAUL
         data["exit_code"] = code
         data["killed"] = killed
         return data
+
+
+def node_id(check: str) -> str:
+    """A check id ``section::test[param]`` as a pytest node id in the installed suite."""
+    section, test = check.split("::", 1)
+    return f"{Path(__file__).resolve().parent / f'test_{section}.py'}::{test}"
 
 
 def _text(value) -> str:

@@ -68,6 +68,8 @@ class Call:
     iteration_limit: tuple[str, Any] | None = None  # (scipy's parameter name, value)
     options: dict[str, Any] = field(default_factory=dict)
     result: Any = None
+    returned_x: np.ndarray | None = None  # a copy of scipy's x, taken the moment it returned
+    returned_nit: int | None = None
     raised: BaseException | None = None
     counts: dict[str, int] = field(default_factory=dict)  # calls scipy made during the run
     evaluated: list[tuple[np.ndarray, float]] = field(default_factory=list)  # (x, f) scipy saw
@@ -89,25 +91,27 @@ class Call:
 
     @property
     def final_x(self) -> np.ndarray | None:
-        """scipy's returned point (``result.x``, or the first element the wrappers return)."""
-        r = self.result
-        if r is None:
-            return None
-        if isinstance(r, scipy.optimize.OptimizeResult):
-            return np.asarray(r.x, dtype=np.float64)
-        if isinstance(r, tuple):
-            return np.asarray(r[0], dtype=np.float64)
-        return np.asarray(r, dtype=np.float64)
+        """scipy's returned point (``result.x``, or the first element the wrappers return), as returned:
+        copied before the implementation could touch the result."""
+        return self.returned_x
 
     @property
     def iterations(self) -> int | None:
         """Iterations scipy reports, where its return value says (None if it does not)."""
-        r = self.result
-        if isinstance(r, scipy.optimize.OptimizeResult) and "nit" in r and self.entry != "least_squares":
-            return int(r.nit)
-        if self.entry == "fmin_l_bfgs_b" and isinstance(r, tuple) and len(r) == 3:
-            return int(r[2].get("nit"))
-        return None
+        return self.returned_nit
+
+    def record_result(self, r: Any) -> None:
+        self.result = r
+        if isinstance(r, scipy.optimize.OptimizeResult):
+            self.returned_x = np.array(r.x, dtype=np.float64, copy=True)
+            if "nit" in r and self.entry != "least_squares":
+                self.returned_nit = int(r.nit)
+        elif isinstance(r, tuple):
+            self.returned_x = np.array(r[0], dtype=np.float64, copy=True)
+            if self.entry == "fmin_l_bfgs_b" and len(r) == 3 and isinstance(r[2], dict):
+                self.returned_nit = int(r[2].get("nit"))
+        elif r is not None:
+            self.returned_x = np.array(r, dtype=np.float64, copy=True)
 
     # ------------------------------------------------------------ evaluation as scipy would
     def _invoke(self, what: str, fn: Any, *xs: np.ndarray, copy: bool = True) -> Any:
@@ -358,11 +362,12 @@ class Observer:
                     )
                     arguments[name] = _Counted(arguments[name], label, call, self)
             try:
-                call.result = real(**arguments)
+                result = real(**arguments)
             except BaseException as exc:
                 call.raised = exc
                 raise
-            return call.result
+            call.record_result(result)
+            return result
 
         observed.__wrapped_by_conformance__ = True
         return observed

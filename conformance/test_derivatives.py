@@ -63,15 +63,16 @@ def test_value_matches_keras_where_the_gradient_is_checked(impl, observe, keras,
 
 
 def test_gradient_honours_x_in_any_order(impl, observe, keras, float64):
+    """grad(x0) called right after f(x1) must be the gradient at x0."""
     call, x0 = _mlp_call(impl, observe, keras, "L-BFGS-B")
     x1 = x0 + np.random.default_rng(3).normal(size=x0.size)
-    fresh = np.asarray(call.gradient(x0), dtype=np.float64)
-    g1 = np.asarray(call.gradient(x1), dtype=np.float64)
+    at_x1 = central_gradient(call.value, x1)
+    at_x0 = central_gradient(call.value, x0)
     call.value(x1)
     close_vector(
-        call.gradient(x0), fresh, rtol=1e-10, atol=1e-12, what="grad(x0) called right after f(x1)",
-        truth="grad(x0) computed fresh", why="the gradient callable does not honour its x argument",
-        known={"grad(x1): the gradient at the last point evaluated": g1},
+        call.gradient(x0), at_x0, rtol=RTOL, atol=ATOL, what="grad(x0) called right after f(x1)",
+        truth=f"{FD} at x0", why="the gradient callable does not honour its x argument",
+        known={"the gradient at x1, the last point evaluated": at_x1},
     )
 
 
@@ -119,22 +120,19 @@ def test_hvp_is_linear_and_symmetric(impl, observe, keras, float64):
 
 
 def test_hvp_honours_x_in_any_order(impl, observe, keras, float64):
-    """hessp(x0, p) called after f(x1) must equal hessp(x0, p) computed fresh."""
+    """hessp(x0, p) called right after f(x1) must be the product at x0."""
     call, x0 = _mlp_call(impl, observe, keras, "trust-ncg")
     rng = np.random.default_rng(3)
     x1, p = x0 + rng.normal(size=x0.size), rng.normal(size=x0.size)
-    fresh = np.asarray(call.hvp(x0, p), dtype=np.float64)
-    at_x1 = np.asarray(call.hvp(x1, p), dtype=np.float64)
+    at_x0, at_x1 = directional(call.gradient, x0, p), directional(call.gradient, x1, p)
     call.value(x1)
     close_vector(
-        call.hvp(x0, p), fresh, rtol=1e-10, atol=1e-12, what="hessp(x0, p) called right after f(x1)",
-        truth="hessp(x0, p) computed fresh",
+        call.hvp(x0, p), at_x0, rtol=RTOL, atol=ATOL, what="hessp(x0, p) called right after f(x1)",
+        truth=f"{FD_GRAD} at x0",
         why="hessp does not honour its x argument (about a quarter of trust-ncg's products come at a point other "
         "than the last one evaluated)",
-        known={"hessp(x1, p): the product at the weights of the last evaluation": at_x1},
+        known={"H(x1) p: the product at the weights of the last evaluation": at_x1},
     )
-    close_vector(fresh, directional(call.gradient, x0, p), rtol=RTOL, atol=ATOL, what="hessp(x0, p)", truth=FD_GRAD,
-                 why="the product is not the exact Hessian times p")
 
 
 @pytest.mark.parametrize("with_dense", [False, True], ids=["embedding", "embedding+dense"])

@@ -12,7 +12,7 @@ import math
 import numpy as np
 import pytest
 
-from .expect import close_scalar, close_vector, fit, fitted_call, history_value
+from .expect import close_scalar, close_vector, fit, fit_ok, fitted_call, history_value
 from .problems import mlp, nan_region_model, regression
 from .spy import NotObserved
 from .truth import keras_loss, keras_loss_at, trainable_vector, weights_set_to
@@ -165,9 +165,12 @@ def _best_seen(call) -> float:
 def test_interrupt_keeps_the_best_point(impl, observe, keras):
     """Ctrl-C during the run (a KeyboardInterrupt from scipy's 8th objective call): the best point seen is kept."""
     X, y = regression(n=40)
+    control = mlp(keras)
+    control.compile(loss="mse")
+    fit_ok(impl, control, X, y, method="L-BFGS-B", maxiter=50)  # the same run, uninterrupted, must work
     model = mlp(keras)
     model.compile(loss="mse")
-    observe.interrupt_at = 8
+    observe.interrupt_at = 8  # counted per scipy call: the interrupted run's 8th objective call
     try:
         fit(impl, model, X, y, method="L-BFGS-B", maxiter=50)
     except KeyboardInterrupt:
@@ -189,6 +192,9 @@ def test_nan_loss_keeps_the_best_finite_point(impl, observe, keras):
     """The loss is NaN beyond a radius that the optimum lies outside: the model must end at the best finite point."""
     X, _ = regression(n=40)
     y = X @ np.full((3, 1), 3.0)
+    control = nan_region_model(keras, radius=100.0)  # the same problem where no NaN is in reach must fit
+    control.compile(loss="mse")
+    fit_ok(impl, control, X, y, method="L-BFGS-B", maxiter=50)
     model = nan_region_model(keras)
     model.compile(loss="mse")
     try:

@@ -64,6 +64,7 @@ def test_full_batch_loss_for_data_source(impl, observe, keras, source):
         "tf.data": ((tf.data.Dataset.from_tensor_slices((X, y)).batch(16),), {}),
         "pydataset": ((sequence(keras, X, y, 16),), {}),
     }[source]
+    data[1]["shuffle"] = False  # batches in order, so that the suite can name a per-batch objective
     _, call = fitted_call(impl, observe, model, *data[0], **data[1])
     _check_value(
         call, model, X, y, context=f"{source}: batches of 16, 50 samples",
@@ -77,7 +78,7 @@ def test_sample_weights(impl, observe, keras):
     sw = np.random.default_rng(3).uniform(0.1, 3.0, size=50)
     model = mlp(keras)
     model.compile(loss="mse")
-    _, call = fitted_call(impl, observe, model, X, y, sample_weight=sw, batch_size=16)
+    _, call = fitted_call(impl, observe, model, X, y, sample_weight=sw, batch_size=16, shuffle=False)
     _check_value(
         call, model, X, y, sw, context="fit(sample_weight=...), batches of 16",
         known=lambda w: {"the loss without the sample weights": keras_loss_at(model, w, X, y),

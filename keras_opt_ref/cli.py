@@ -64,6 +64,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     conf.add_argument("--mutants", action="store_true", help="also run every mutant and print the mutation score")
     conf.add_argument("--out", default="reports", help="folder for conformance.md and conformance.json")
     conf.add_argument("--fail-fast", action="store_true", help="stop each mutant's run at its first failing check")
+    conf.add_argument("--independent", action="store_true",
+                      help="also run the independent implementations (other styles, each with its own bug, one correct)")
+    conf.add_argument("--check-timeout", type=float, default=None, help="seconds per check (default 300; 0: off)")
+    conf.add_argument("--timeout", type=float, default=1800.0, help="seconds per implementation's whole run")
     bench_parser = sub.add_parser("bench", help="measure the ratios (floor, HVP, alternatives, Adam) and plot")
     bench_parser.add_argument("--quick", action="store_true", help="fewer rounds, 10 s of Adam, scaling to 4x only")
     bench_parser.add_argument("--out", default="reports", help="folder for bench.md, bench.json and bench.png")
@@ -74,7 +78,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "conformance":
         from keras_opt_ref_conformance import report
 
-        return report.main(args.impl or ["keras_opt_ref.scipy_optimizer"], args.mutants, args.out, args.fail_fast)
+        extra = [] if args.check_timeout is None else ["--check-timeout", str(args.check_timeout)]
+        return report.main(args.impl or ["keras_opt_ref.scipy_optimizer"], args.mutants, args.out, args.fail_fast,
+                           with_independent=args.independent, timeout=args.timeout, extra=extra)
     if args.command == "bench":
         from . import bench
 

@@ -1,22 +1,64 @@
-"""The conformance suite has power: it passes on the reference and kills every mutant."""
+"""The conformance suite has power and no false positives.
+
+- It passes on the reference.
+- It kills every mutant, and the checks that catch each one say what is wrong (the words
+  listed in the mutant catalogue).
+- On the independent implementations (other authors' styles, not built on the reference)
+  it names each one's bug, and it passes the correct one completely.
+- On an implementation whose fit always raises, no check passes.
+"""
 
 from __future__ import annotations
 
 import pytest
 from keras_opt_ref_conformance import report
-from keras_opt_ref_conformance.mutants import MUTANTS
+from keras_opt_ref_conformance.independent import CORRECT, DIAGNOSES, IMPLEMENTATIONS
+from keras_opt_ref_conformance.mutants import EVERY_CHECK, MUTANTS
 
 pytestmark = pytest.mark.slow
 
 
+def _messages(run: dict) -> str:
+    return "\n".join(f"{check}: {t['outcome']}: {t['message'][:400]}" for check, t in sorted(run["tests"].items()))
+
+
+def _assert_diagnosed(name: str, run: dict, expected: dict[str, str]) -> None:
+    for check, words in expected.items():
+        if check == EVERY_CHECK:
+            passing = sorted(c for c, t in run["tests"].items() if t["outcome"] != "fail")
+            assert not passing and len(run["tests"]) >= 80, f"{name}: checks that did not fail: {passing}"
+            unexplained = sorted(c for c, t in run["tests"].items() if words not in t["message"])
+            assert not unexplained, f"{name}: failures that do not mention {words!r}: {unexplained}"
+            continue
+        outcome = run["tests"].get(check)
+        assert outcome is not None, f"{name}: check {check} did not run:\n{_messages(run)}"
+        assert outcome["outcome"] == "fail", f"{name}: {check} did not catch it ({outcome['outcome']})"
+        assert words in outcome["message"], (
+            f"{name}: {check} failed without naming the bug (expected {words!r} in):\n{outcome['message']}"
+        )
+
+
 def test_suite_passes_on_the_reference():
     run = report.run_suite("keras_opt_ref.scipy_optimizer")
-    failing = {check: t["message"] for check, t in run["tests"].items() if t["outcome"] == "fail"}
+    failing = report.failures(run)
     assert not failing and run["exit_code"] == 0, failing
-    assert len(run["tests"]) >= 40
+    assert len(run["tests"]) >= 80
 
 
 @pytest.mark.parametrize("mutant", MUTANTS)
-def test_suite_kills_mutant(mutant):
-    run = report.run_suite(f"{report.MUTANT_PACKAGE}.{mutant}", ["-x"])
-    assert any(t["outcome"] == "fail" for t in run["tests"].values()), f"mutant {mutant} survived the suite"
+def test_suite_kills_mutant_and_says_why(mutant):
+    expected = MUTANTS[mutant]
+    checks = None if EVERY_CHECK in expected else list(expected)
+    run = report.run_suite(f"{report.MUTANT_PACKAGE}.{mutant}", checks=checks)
+    _assert_diagnosed(mutant, run, expected)
+
+
+@pytest.mark.parametrize("name", IMPLEMENTATIONS)
+def test_independent_implementation(name):
+    run = report.run_suite(f"{report.INDEPENDENT_PACKAGE}.{name}")
+    if name in CORRECT:
+        failing = report.failures(run)
+        assert not failing and run["exit_code"] == 0, f"false positives on the correct {name}:\n{failing}"
+        assert len(run["tests"]) >= 80
+    else:
+        _assert_diagnosed(name, run, DIAGNOSES[name])

@@ -1,0 +1,33 @@
+"""The suite bounds each check's time and each implementation's run, and reports a hang with its stack."""
+
+from __future__ import annotations
+
+from keras_opt_ref_conformance import plugin, report
+
+HANGS = f"{report.MUTANT_PACKAGE}.hangs"
+CHECKS = [
+    "objective::test_repeatable",
+    "objective::test_sample_weights",
+    "derivatives::test_gradient_matches_finite_differences",
+    "methods::test_nonneg_constraint_honoured",
+    "fit_contract::test_weights_written_back_when_scipy_stops_early",
+]
+
+
+def test_a_hung_check_fails_with_the_stack_and_the_run_goes_on():
+    run = report.run_suite(HANGS, ["--check-timeout", "2"], checks=CHECKS)
+    outcomes = [run["tests"][c] for c in CHECKS]
+    assert all(o["outcome"] == "fail" for o in outcomes), outcomes
+    hung, skipped = outcomes[: plugin.MAX_HANGS], outcomes[plugin.MAX_HANGS :]
+    for o in hung:
+        assert o["message"].startswith("CheckTimeout: no result in 2 s"), o["message"][:300]
+        assert "hangs.py" in o["message"] and "wait_forever" in o["message"], "the stack names where it hung"
+    for o in skipped:
+        assert "not run: the implementation already hung in 3 checks" in o["message"], o["message"][:300]
+
+
+def test_a_run_past_its_bound_is_killed_and_the_running_check_reported():
+    run = report.run_suite(HANGS, ["--check-timeout", "0"], timeout=45, checks=CHECKS[:2])
+    assert run["killed"]
+    outcome = run["tests"][CHECKS[0]]
+    assert outcome["outcome"] == "fail" and "no result: the whole run passed its 45 s bound" in outcome["message"]
