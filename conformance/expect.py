@@ -45,8 +45,22 @@ def fit_ok(impl, model, x, y=None, **kwargs):
 
 
 def fitted_call(impl, observe, model, x, y=None, **kwargs) -> tuple[Any, Call]:
-    """fit (must succeed), then the scipy call it made; NotObserved if it made none."""
-    history = fit_ok(impl, model, x, y, **kwargs)
+    """fit (must succeed), then the scipy call it made; NotObserved if it made none. When scipy itself
+    raised, the message says what the implementation had handed it."""
+    before = len(observe.calls)
+    try:
+        history = fit_ok(impl, model, x, y, **kwargs)
+    except AssertionError as failure:
+        raised = [c for c in observe.calls[before:] if c.raised is not None]
+        if raised and not isinstance(raised[-1].raised, (AssertionError, KeyboardInterrupt)):
+            c = raised[-1]
+            origin = _origin(c.raised)
+            who = ("scipy rejected what the implementation handed it" if origin.startswith("scipy")
+                   else f"raised in {origin}, during scipy's run")
+            raise AssertionError(
+                f"{c.describe()} raised {type(c.raised).__name__}: {_one_line(c.raised)} -- {who}. {failure}"
+            ) from failure
+        raise
     return history, observe.last
 
 

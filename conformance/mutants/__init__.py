@@ -25,8 +25,8 @@ MUTANTS: dict[str, dict[str, str]] = {
     "hvp_scale_error": {_HVP: "wrong scale"},
     "wrong_unpack_order": {"objective::test_x0_is_the_trainable_weights": "layout"},
     "non_trainable_included": {"fit_contract::test_non_trainable_weights_untouched": "not trainable"},
-    "hessian_never_passed": {"methods::test_method_runs_with_its_derivatives[trust-ncg]": "needs hess or hessp",
-                             _HVP: "neither hess nor hessp"},
+    "hessian_never_passed": {"methods::test_method_runs_with_its_derivatives[trust-ncg]": "scipy rejected",
+                             _HVP: "Hessian-vector product is required"},
     "bounds_dropped": {"methods::test_bounds_honoured[L-BFGS-B]": "were not handed to scipy"},
     # state and caching
     "memo_by_identity": {"objective::test_memo_is_keyed_on_a_copy_of_x": "the array's old values"},
