@@ -96,8 +96,7 @@ def close_scalar(
         f"{what} = {actual:.6g} but {truth} = {expected:.6g} (relative difference {rel:.2g}, "
         f"tolerance {rtol:g}): {why}"
     )
-    message += _matches_known(actual, known, rtol)
-    raise AssertionError(message)
+    raise AssertionError(_with_known(message, _matches_known(actual, known, rtol)))
 
 
 def close_vector(
@@ -126,8 +125,11 @@ def close_vector(
         f"{a.flat[i]:.6g} vs {e.flat[i]:.6g}; ||got - expected|| / ||expected|| = {overall:.2g}; "
         f"tolerance rtol={rtol:g}, atol={atol:g}): {why}"
     )
-    message += _matches_known(a, known, rtol)
-    raise AssertionError(message)
+    raise AssertionError(_with_known(message, _matches_known(a, known, rtol)))
+
+
+def _with_known(message: str, match: str) -> str:
+    return f"{message.rstrip('.')}.{match}" if match else message
 
 
 def _matches_known(actual: Any, known: Mapping[str, Any] | None, rtol: float) -> str:

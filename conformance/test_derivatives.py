@@ -119,15 +119,16 @@ def test_hvp_is_linear_and_symmetric(impl, observe, keras, float64):
     )
 
 
-def test_hvp_honours_x_in_any_order(impl, observe, keras, float64):
+@pytest.mark.parametrize("method", HESSP_METHODS)
+def test_hvp_honours_x_in_any_order(impl, observe, keras, float64, method):
     """hessp(x0, p) called right after f(x1) must be the product at x0."""
-    call, x0 = _mlp_call(impl, observe, keras, "trust-ncg")
+    call, x0 = _mlp_call(impl, observe, keras, method)
     rng = np.random.default_rng(3)
     x1, p = x0 + rng.normal(size=x0.size), rng.normal(size=x0.size)
     at_x0, at_x1 = directional(call.gradient, x0, p), directional(call.gradient, x1, p)
     call.value(x1)
     close_vector(
-        call.hvp(x0, p), at_x0, rtol=RTOL, atol=ATOL, what="hessp(x0, p) called right after f(x1)",
+        call.hvp(x0, p), at_x0, rtol=RTOL, atol=ATOL, what=f"{method}: hessp(x0, p) called right after f(x1)",
         truth=f"{FD_GRAD} at x0",
         why="hessp does not honour its x argument (about a quarter of trust-ncg's products come at a point other "
         "than the last one evaluated)",

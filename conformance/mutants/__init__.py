@@ -14,7 +14,8 @@ MUTANTS: dict[str, dict[str, str]] = {
     # the twelve of the first catalogue
     "per_batch_means": {"objective::test_full_batch_loss_for_data_source[arrays-uneven-batches]":
                         "the mean of the per-batch losses"},
-    "hessp_ignores_x": {"derivatives::test_hvp_honours_x_in_any_order": "the weights of the last evaluation"},
+    "hessp_ignores_x": {"derivatives::test_hvp_honours_x_in_any_order[trust-ncg]":
+                        "the weights of the last evaluation"},
     "regularization_dropped": {"objective::test_regularization_losses": "without the regularization term"},
     "sample_weights_ignored": {"objective::test_sample_weights": "without the sample weights",
                                "objective::test_class_weight": "without the class weights"},
