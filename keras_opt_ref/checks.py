@@ -223,15 +223,24 @@ def dense_bytes(leaf: Any) -> int:
     return 0
 
 
-def check_data_bytes(nbytes: int, max_bytes: int, *, endless_hint: str = "") -> None:
-    """Refuse a training set larger than ``max_bytes`` as dense tensors."""
+def check_data_bytes(nbytes: int, max_bytes: int, *, drained: str = "") -> None:
+    """Refuse a training set larger than ``max_bytes`` as dense tensors (``drained``: how far fit's
+    data source had got, when the limit was passed while draining it)."""
     if nbytes > max_bytes:
+        what = (f"fit's data source had yielded {_size(nbytes)} {drained}" if drained
+                else f"The training data needs {_size(nbytes)} as dense tensors")
         raise ValueError(
-            f"The training data needs {nbytes / 2**30:.3g} GiB as dense tensors{endless_hint}, more than "
-            f"max_data_bytes={max_bytes} ({max_bytes / 2**30:.3g} GiB). Every epoch's data is held in memory "
-            "at once: fit on less data (or a smaller steps_per_epoch), or raise max_data_bytes if the memory "
-            "is there."
+            f"{what}, more than max_data_bytes={max_bytes} ({_size(max_bytes)}). Each epoch's data is held in "
+            "memory at once: an endless generator needs steps_per_epoch=... (that many batches form an epoch); "
+            "for a large finite data set, fit on less of it, or raise max_data_bytes if the memory is there."
         )
+
+
+def _size(nbytes: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.3g} {unit}"
+    return f"{nbytes} bytes"
 
 
 # ------------------------------------------------------------- what the traced loss showed

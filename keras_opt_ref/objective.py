@@ -297,6 +297,16 @@ class FullBatchObjective:
         x = np.asarray(x, dtype=np.float64)
         return (self._memo_f, self._memo_g) if self._memo_hit(x) else None
 
+    def known_value(self, x: np.ndarray) -> float | None:
+        """The loss at ``x`` if an evaluation already gave it (the last point, or the best one as the
+        variables hold it), else ``None``: after a failure the model need not run again."""
+        cached = self.cached(x)
+        if cached is not None:
+            return cached[0]
+        if self.best_x is not None and np.array_equal(self.flat.as_held(self.best_x), x):
+            return self.best_value
+        return None
+
     def _tensor(self, x: np.ndarray) -> tf.Tensor:
         dtype = self.flat.common_dtype
         return tf.convert_to_tensor(x.astype(dtype.as_numpy_dtype, copy=False))

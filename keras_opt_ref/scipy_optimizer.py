@@ -550,37 +550,41 @@ def _into_bounds(flat: Any, x: np.ndarray, bounds: scipy.optimize.Bounds | None)
 
 
 def _loss_or_nan(objective: FullBatchObjective, x: np.ndarray) -> float:
-    cached = objective.cached(x)
-    if cached is not None:
-        return cached[0]
+    known = objective.known_value(x)
+    if known is not None:
+        return known
     try:
         return objective.value(x)
     except Exception:  # reporting must not mask the failure being reported
         return math.nan
 
 
+_BLOCK = 256  # drained batches are joined in blocks of this many: tensors cost ~1.5 KB each beyond their data
+
+
 def _take(iterator: Any, count: int | None, max_bytes: int) -> list[Any]:
-    """Up to ``count`` batches from a Keras data iterator (all that remain if ``None``), refusing to
-    hold more than ``max_bytes`` of them (as dense tensors): an endless source must not grow memory
-    without bound."""
-    batches, held, rows = [], 0, 0
-    while count is None or len(batches) < count:
+    """Up to ``count`` batches from a Keras data iterator (all that remain if ``None``), joined into
+    blocks as they come, refusing to hold more than ``max_bytes`` of data (as dense tensors): an
+    endless source must not grow memory without bound."""
+    blocks, batches, held, taken, rows = [], [], 0, 0, 0
+    while count is None or taken < count:
         try:
             batch = next(iterator)
         except (StopIteration, tf.errors.OutOfRangeError):
             break
+        taken += 1
         leaves = [leaf for leaf in tf.nest.flatten(batch) if leaf is not None]
         held += sum(checks.dense_bytes(leaf) for leaf in leaves)
         rows += int(leaves[0].shape[0]) if leaves and leaves[0].shape.rank else 0
         if held > max_bytes:
-            endless = f" after {len(batches) + 1} batches ({rows} samples) and the data source has not ended"
-            batches.clear()
-            checks.check_data_bytes(
-                held, max_bytes, endless_hint=endless + (" (an endless generator needs steps_per_epoch)"
-                                                         if count is None else "")
-            )
+            blocks.clear(), batches.clear()
+            ended = "without ending" if count is None else f"of the epoch's {count}"
+            checks.check_data_bytes(held, max_bytes, drained=f"in {taken} batches {ended} ({rows} samples)")
         batches.append(batch)
-    return batches
+        if len(batches) == _BLOCK:
+            blocks.append(_concatenate(batches))
+            batches = []
+    return blocks + batches
 
 
 def _concatenate(batches: list[tuple[Any, Any, Any]]) -> tuple[Any, Any, Any]:
