@@ -8,23 +8,36 @@ mended here.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import tensorflow as tf
 
 __all__ = [
     "STOCHASTIC_LAYERS",
+    "add_loss_count",
+    "calling_model",
     "default_keras",
     "fit_steps_per_epoch",
-    "steps_per_execution",
     "flavour",
+    "is_builtin_loss",
     "is_compiled",
+    "is_infinite",
     "is_mean_squared_error",
     "iter_layers",
+    "keep_counts_integer",
     "keras_module",
+    "loss_leaves",
+    "loss_reduction",
+    "on_compile",
+    "output_mask",
+    "overrides_compute_loss",
+    "per_sample_values",
+    "steps_per_execution",
     "tf_variable",
     "unpack_x_y_sample_weight",
     "variable_name",
@@ -171,3 +184,140 @@ def variable_regularizers(model: Any) -> tuple[dict[int, Any], list[str]]:
                     if weight is not None:
                         found[id(weight)] = regularizer
     return found, activity
+
+
+# ------------------------------------------------------------------ the compiled loss
+def loss_leaves(model: Any) -> list[Any]:
+    """The losses given to ``compile`` (names, functions or Loss objects), one per output that has one.
+
+    Both flavours keep the user's argument as ``model.loss``.
+    """
+    loss = getattr(model, "loss", None)
+    if isinstance(loss, Mapping):
+        leaves = list(loss.values())
+    elif isinstance(loss, (list, tuple)):
+        leaves = list(loss)
+    else:
+        leaves = [loss]
+    return [leaf for leaf in leaves if leaf is not None]
+
+
+def loss_reduction(loss: Any) -> str:
+    """How a compiled loss reduces its per-sample values: ``"sum_over_batch_size"`` (the mean over
+    all values; tf-keras's ``"auto"`` and Keras 3's ``"mean"`` are the same), ``"sum"``,
+    ``"mean_with_sample_weight"`` (Keras 3) or ``"none"``. Names and plain functions are wrapped
+    by Keras with the default."""
+    if isinstance(loss, str) or not hasattr(loss, "reduction"):
+        return "sum_over_batch_size"
+    reduction = loss.reduction
+    reduction = "none" if reduction is None else str(getattr(reduction, "value", reduction)).lower()
+    return "sum_over_batch_size" if reduction in ("auto", "mean") else reduction
+
+
+def is_builtin_loss(loss: Any) -> bool:
+    """Whether a compiled loss is one of Keras's own, which return one value per sample."""
+    if isinstance(loss, str):
+        return True
+    fn = getattr(loss, "fn", None) or loss  # a LossFunctionWrapper is as builtin as its function
+    module = getattr(fn, "__module__", None) or type(fn).__module__
+    return module.startswith(("keras.", "tf_keras."))
+
+
+def per_sample_values(loss: Any, y_true: Any, y_pred: Any) -> Any:
+    """Inside a graph: a custom loss's unreduced values on a batch (``Loss.call``, or the function)."""
+    call = loss.call if hasattr(loss, "reduction") and hasattr(loss, "call") else loss
+    if getattr(y_pred, "dtype", None) is not None and getattr(y_pred.dtype, "is_floating", False):
+        y_true = tf.cast(y_true, y_pred.dtype)
+    return call(y_true, y_pred)
+
+
+def overrides_compute_loss(model: Any) -> bool:
+    """Whether the model's class replaces ``Model.compute_loss`` (its terms are then unknown)."""
+    return type(model).compute_loss is not keras_module(model).Model.compute_loss
+
+
+def output_mask(tensor: Any) -> Any:
+    """The Keras mask a layer attached to an output tensor (both flavours use ``_keras_mask``)."""
+    return getattr(tensor, "_keras_mask", None)
+
+
+def add_loss_count(model: Any) -> int:
+    """Right after ``model(x)`` inside a trace: how many ``add_loss`` terms that call added
+    (activity regularizers included). Both flavours keep them in each layer's ``_losses``; weight
+    regularizers are kept apart (Keras 3: on the variables; tf-keras: ``_callable_losses``)."""
+    return sum(len(getattr(layer, "_losses", ()) or ()) for layer in iter_layers(model))
+
+
+# ------------------------------------------------------------------ fit's plumbing
+def calling_model(depth: int = 2) -> Any:
+    """The Keras model whose ``fit``/``train_on_batch`` called the train function, or None.
+
+    Both flavours call ``self.train_function(iterator)`` from inside the model's own method, so
+    the caller's frame holds the model as ``self``.
+    """
+    frame = sys._getframe(depth)
+    owner = frame.f_locals.get("self") if frame is not None else None
+    try:
+        flavour(owner)
+    except TypeError:
+        return None
+    return owner if hasattr(owner, "train_function") else None
+
+
+def is_infinite(iterator: Any) -> bool:
+    """Whether a data iterator fit hands over is known to never end (a ``.repeat()`` dataset).
+
+    Keras 3 passes the ``tf.data`` iterator itself; its dataset knows its cardinality.
+    """
+    dataset = getattr(iterator, "_dataset", None)
+    if dataset is None or not hasattr(dataset, "cardinality"):
+        return False
+    try:
+        return int(dataset.cardinality()) == int(tf.data.INFINITE_CARDINALITY)
+    except (TypeError, ValueError, tf.errors.OpError):
+        return False
+
+
+def on_compile(model: Any, hook: Callable[[Any, Any], None]) -> None:
+    """Call ``hook(model, train_function_before)`` after every later ``model.compile(...)``.
+
+    ``compile()`` resets ``model.train_function`` in both flavours; there is no public event for
+    it, so the model instance's ``compile`` is wrapped (once; the class is untouched).
+    """
+    if getattr(model, "_keras_opt_ref_compile_hook", False):
+        return
+    original = model.compile
+
+    @functools.wraps(original)
+    def compile(*args: Any, **kwargs: Any) -> Any:
+        before = getattr(model, "train_function", None)
+        out = original(*args, **kwargs)
+        hook(model, before)
+        return out
+
+    object.__setattr__(model, "compile", compile)
+    object.__setattr__(model, "_keras_opt_ref_compile_hook", True)
+
+
+class _Counts(list):
+    """A history list that keeps counts as ints: Keras 3's CallbackList turns every log value
+    into a float (``keras.src.utils.python_utils.pythonify_logs``) before History appends it."""
+
+    def append(self, value: Any) -> None:
+        super().append(int(value) if float(value).is_integer() else value)
+
+
+def keep_counts_integer(model: Any, logs: Mapping[str, Any], counts: tuple[str, ...]) -> None:
+    """Make the running Keras 3 fit's History store the ``counts`` among ``logs`` as ints.
+
+    The History's lists are created here in sorted key order, the order pythonify_logs gives
+    them; tf-keras stores log values as they are.
+    """
+    history = getattr(getattr(model, "history", None), "history", None)
+    if flavour(model) != "keras3" or not isinstance(history, dict):
+        return
+    for key in sorted(logs):
+        if key in counts and not isinstance(history.get(key), _Counts):
+            history[key] = _Counts(history.get(key, ()))
+        else:
+            history.setdefault(key, [])

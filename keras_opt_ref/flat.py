@@ -101,6 +101,14 @@ class FlatVariables:
         for v, value, dtype in zip(self.variables, self.unpack(x), self.dtypes, strict=True):
             v.assign(value.astype(dtype.as_numpy_dtype))
 
+    def as_held(self, x: np.ndarray) -> np.ndarray:
+        """``x`` as the variables would hold it: each part rounded to its variable's dtype (float64)."""
+        x = self.as_vector(x)
+        return np.concatenate(
+            [x[self.slice(i)].astype(d.as_numpy_dtype).astype(np.float64) for i, d in enumerate(self.dtypes)]
+            or [np.zeros(0)]
+        )
+
     def as_vector(self, x: Any) -> np.ndarray:
         """``x`` as a float64 array, checked to be a flat vector of this layout's size."""
         x = np.asarray(x, dtype=np.float64)

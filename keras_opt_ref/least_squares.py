@@ -29,17 +29,14 @@ import numpy as np
 import scipy.sparse.linalg
 import tensorflow as tf
 
-from . import _keras
+from . import _keras, checks
+from .checks import NotSquaredErrorError
 from .objective import FullBatchObjective, _dot, check_hessian_size
 
 __all__ = ["JacobianTooLargeError", "LeastSquaresObjective", "NotSquaredErrorError"]
 
 DEFAULT_MAX_JACOBIAN_BYTES = 512 * 2**20
 JACOBIAN_BLOCK_BYTES = 64 * 2**20
-
-
-class NotSquaredErrorError(ValueError):
-    """The compiled loss cannot be written as a sum of squared residuals."""
 
 
 class JacobianTooLargeError(ValueError):
@@ -51,15 +48,16 @@ class LeastSquaresObjective(FullBatchObjective):
 
     Extra parameter ``max_jacobian_bytes`` bounds the dense Jacobian (:meth:`jacobian`).
     Refuses, before any optimization, a loss other than the mean squared error, regularizers
-    other than L2 on weights, and negative sample weights; and checks at the starting point
-    that ``r . r`` equals Keras's loss.
+    other than L2 on weights, ``add_loss`` terms, masked outputs and negative sample weights;
+    and checks that ``r . r`` equals Keras's loss at the starting point (the train function
+    checks again at the end of a least-squares run).
     """
 
     def __init__(self, model: Any, x: Any, y: Any = None, sample_weight: Any = None, *,
                  max_jacobian_bytes: int = DEFAULT_MAX_JACOBIAN_BYTES, **kwargs: Any) -> None:
         super().__init__(model, x, y, sample_weight, **kwargs)
         self.max_jacobian_bytes = int(max_jacobian_bytes)
-        self._loss_weights = _output_loss_weights(model, len(tf.nest.flatten(self.data[1])))
+        self._loss_weights = _output_loss_weights(model, self.facts.output_names)
         self._l2 = _l2_coefficients(model, self.flat)
         self.nrev = self.njev = 0
         self.check_consistent(self.flat.read())
@@ -68,6 +66,7 @@ class LeastSquaresObjective(FullBatchObjective):
     def set_data(self, x: Any, y: Any = None, sample_weight: Any = None) -> None:
         held = getattr(self, "_chunks", None)
         super().set_data(x, y, sample_weight)
+        checks.check_residual_model(self.facts)
         _, data_y, sw = self.data
         if data_y is None:
             raise NotSquaredErrorError("least squares needs targets y (fit got none)")
@@ -96,18 +95,22 @@ class LeastSquaresObjective(FullBatchObjective):
                 "jacobian='operator' (matrix-free, tr_solver='lsmr'), or raise max_jacobian_bytes."
             )
 
-    def check_consistent(self, x: np.ndarray) -> None:
-        """Refuse if ``r . r`` is not Keras's loss at ``x`` (an unsupported loss term)."""
+    def check_consistent(self, x: np.ndarray, when: str = "at the starting weights") -> float:
+        """Refuse if ``r . r`` is not Keras's loss at ``x`` (a loss term the residuals miss); return
+        Keras's loss there, computed afresh (the memo may hold ``r . r``)."""
+        x = self.flat.as_vector(x)
+        self._memo_x = None
         loss = self.value(x)  # first: a failing XLA compilation falls back here, before the residual graphs
         r = self.residuals(x)
         rr = float(r @ r)
         if not math.isclose(rr, loss, rel_tol=1e-4, abs_tol=1e-7 * max(1.0, abs(loss))):
             raise NotSquaredErrorError(
-                f"Keras's loss ({loss:.8g}) is not the sum of squared residuals ({rr:.8g}): the model has a "
-                "loss term this reference cannot write as residuals (an add_loss, or a loss that only looks "
-                "like the mean squared error). Least squares and Gauss-Newton need loss='mse' (per output, "
-                "any loss_weights), sample weights >= 0, and only L2 weight regularizers."
+                f"Keras's loss ({loss:.8g}) is not the sum of squared residuals ({rr:.8g}) {when}: the model has a "
+                "loss term this reference cannot write as residuals (a loss that only looks like the mean squared "
+                "error, or a term outside the compiled loss). Least squares and Gauss-Newton need loss='mse' (per "
+                "output, any loss_weights), sample weights >= 0, and only L2 weight regularizers."
             )
+        return loss
 
     # ------------------------------------------------------------- numpy API
     def residuals(self, x: np.ndarray) -> np.ndarray:
@@ -200,9 +203,9 @@ class LeastSquaresObjective(FullBatchObjective):
 
     def _block_residuals(self, start: tf.Tensor, size: int) -> tf.Tensor:
         x, y, sw = self._rows(start, size)
-        preds = tf.nest.flatten(self.model(x, training=False))
-        targets = tf.nest.flatten(y)
-        weights = tf.nest.flatten(sw) if sw is not None else [None]
+        names = self.facts.output_names
+        preds, targets = _per_output(self.model(x, training=False), names), _per_output(y, names)
+        weights = _per_output(sw, names) if sw is not None else [None]
         columns = []
         for k, (pred, target) in enumerate(zip(preds, targets, strict=True)):
             # Per sample, flattened: a target of shape (N,) meets a prediction of shape (N, 1) as Keras does.
@@ -265,26 +268,38 @@ class LeastSquaresObjective(FullBatchObjective):
         return block
 
 
-def _output_loss_weights(model: Any, outputs: int) -> list[float]:
-    """Per-output loss weights, after checking that every output's loss is the MSE."""
+def _per_output(structure: Any, names: list[str]) -> list[Any]:
+    """Leaves of predictions, targets or sample weights in the order of the model's outputs: a dict
+    is read by output name (``tf.nest.flatten`` would sort its keys), anything else flattened."""
+    if isinstance(structure, Mapping) and set(names) <= set(structure):
+        return [structure[name] for name in names]
+    return tf.nest.flatten(structure)
+
+
+def _output_loss_weights(model: Any, names: list[str]) -> list[float]:
+    """Per-output loss weights (in the order of ``names``), after checking that every output's loss
+    is the MSE. Dicts of losses or loss weights are read by output name, lists by position."""
     loss = model.loss
-    losses = list(loss.values()) if isinstance(loss, Mapping) else (
-        list(loss) if isinstance(loss, Sequence) and not isinstance(loss, str) else [loss] * outputs)
+    if isinstance(loss, Mapping):
+        losses = [loss.get(name) for name in names]
+    elif isinstance(loss, Sequence) and not isinstance(loss, str):
+        losses = list(loss)
+    else:
+        losses = [loss] * len(names)
     bad = [repr(x) for x in losses if not _keras.is_mean_squared_error(x)]
-    if bad or len(losses) != outputs:
+    if bad or len(losses) != len(names):
         raise NotSquaredErrorError(
-            f"Least squares and Gauss-Newton need the mean squared error on every output; the model was compiled "
-            f"with loss={loss!r}. Compile with loss='mse', or use a minimize method (L-BFGS-B, trust-ncg, ...) "
-            "with the exact Hessian."
+            f"Least squares and Gauss-Newton need the mean squared error on every output (outputs {names}); the "
+            f"model was compiled with loss={loss!r}. Compile with loss='mse', or use a minimize method (L-BFGS-B, "
+            "trust-ncg, ...) with the exact Hessian."
         )
     config = model.get_compile_config() or {}
     weights = config.get("loss_weights")
     if weights is None:
-        return [1.0] * outputs
+        return [1.0] * len(names)
     if isinstance(weights, Mapping):
-        keys = sorted(weights) if isinstance(loss, Mapping) else list(weights)
-        return [float(weights[k]) for k in keys]
-    return [float(w) for w in (weights if isinstance(weights, Sequence) else [weights] * outputs)]
+        return [float(weights.get(name, 1.0)) for name in names]
+    return [float(w) for w in (weights if isinstance(weights, Sequence) else [weights] * len(names))]
 
 
 def _l2_coefficients(model: Any, flat: Any) -> np.ndarray:

@@ -7,6 +7,8 @@ by the tests, so a scipy change shows up as a failing test, not a silent drop).
 
 from __future__ import annotations
 
+import math
+import numbers
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -22,6 +24,8 @@ __all__ = [
     "LEAST_SQUARES_METHODS",
     "METHODS",
     "Method",
+    "check_option",
+    "check_settings",
     "resolve_method",
     "scipy_bounds",
     "solver_options",
@@ -99,8 +103,9 @@ def resolve_method(method: str) -> Method:
     return found
 
 
-def solver_options(method: Method, maxiter: int | None, options: Mapping[str, Any]) -> dict[str, Any]:
-    """The options scipy gets. Unused ones are dropped with a warning naming the valid ones."""
+def solver_options(method: Method, maxiter: Any, options: Mapping[str, Any]) -> dict[str, Any]:
+    """The options scipy gets, each checked (:func:`check_option`). Unused ones are dropped with a
+    warning naming the valid ones."""
     options = dict(options)
     exact = sorted(FINITE_DIFFERENCE_OPTIONS & set(options)) if method.least_squares else []
     if exact:
@@ -108,7 +113,7 @@ def solver_options(method: Method, maxiter: int | None, options: Mapping[str, An
             f"Option(s) {exact} configure finite differences; the Jacobian here is exact (autodiff). Remove them."
         )
     if maxiter is not None:
-        options[_MAXITER_ALIAS.get(method.name, "maxiter")] = int(maxiter)
+        options[_MAXITER_ALIAS.get(method.name, "maxiter")] = check_option("maxiter", maxiter, method)
     unused = sorted(set(options) - method.options)
     if unused:
         warnings.warn(
@@ -117,7 +122,146 @@ def solver_options(method: Method, maxiter: int | None, options: Mapping[str, An
             UserWarning,
             stacklevel=4,  # the caller of make_train_function
         )
-    return {k: v for k, v in options.items() if k in method.options}
+    used = {k: check_option(k, v, method) for k, v in options.items() if k in method.options}
+    radius, largest = used.get("initial_trust_radius", 1.0), used.get("max_trust_radius", 1000.0)
+    if method.name in _TRUST_METHODS and radius >= largest:
+        raise ValueError(
+            f"initial_trust_radius={radius!r} must be smaller than max_trust_radius={largest!r} "
+            f"(method {method.name!r}); lower the first or raise the second."
+        )
+    c1, c2 = used.get("c1", 1e-4), used.get("c2", 0.4 if method.name == "CG" else 0.9)
+    if c1 >= c2:
+        raise ValueError(
+            f"The line-search constants need 0 < c1 < c2 < 1 (method {method.name!r}); got c1={c1}, c2={c2}"
+        )
+    return used
+
+
+# --------------------------------------------------------------------------- option values
+# What a numeric or flag option must be, for every option in the table that has such a rule;
+# the others (arrays, callables, dicts) go to scipy as given. Checked before any work, so that a
+# bad value never reaches scipy after the data has been loaded.
+_COUNTS = "maxiter maxfun maxfev max_nfev maxcor maxls subproblem_maxiter"
+_TOLERANCES = "tol gtol ftol xtol xatol fatol xrtol barrier_tol catol feasibility_tol accuracy stepmx"
+_POSITIVE = (
+    "eps rhobeg f_scale initial_trust_radius max_trust_radius initial_tr_radius final_tr_radius "
+    "initial_constr_penalty initial_barrier_parameter initial_barrier_tolerance"
+)
+_RULES: dict[str, str] = {
+    **dict.fromkeys(_COUNTS.split(), "count"),
+    **dict.fromkeys(_TOLERANCES.split(), "tolerance"),
+    **dict.fromkeys(_POSITIVE.split(), "positive"),
+    **dict.fromkeys("c1 c2".split(), "unit"),
+    **dict.fromkeys("maxCGit mesg_num iprint".split(), "integer"),
+    **dict.fromkeys("norm rescale offset minfev f_target".split(), "real"),
+    **dict.fromkeys("disp return_all adaptive inexact".split(), "flag"),
+    "verbose": "level",
+}
+_TRUST_METHODS = frozenset({"dogleg", "trust-ncg", "trust-exact", "trust-krylov"})
+_CHOICES = {
+    "loss": ("linear", "soft_l1", "huber", "cauchy", "arctan"),
+    "tr_solver": (None, "exact", "lsmr"),
+    "factorization_method": (None, "NormalEquation", "AugmentedSystem", "QRFactorization", "SVDFactorization"),
+}
+_WHAT = {
+    "count": "a positive integer",
+    "integer": "an integer",
+    "level": "an integer >= 0",
+    "tolerance": "a number >= 0",
+    "positive": "a number > 0",
+    "unit": "a number strictly between 0 and 1",
+    "real": "a real number (not NaN)",
+    "flag": "True or False",
+}
+
+
+def check_option(name: str, value: Any, method: Method | None = None) -> Any:
+    """``value`` if it is valid for option ``name``, else a TypeError/ValueError naming the option,
+    what it must be and what was given. Integral floats (``1e3``) become ints for count options."""
+    where = f" (method {method.name!r})" if method is not None else ""
+    if name == "eta" and method is not None and method.name in _TRUST_METHODS:
+        rule, what = "eta", "a number in [0, 0.25)"
+    elif name == "scale" and method is not None and method.name == "COBYQA":
+        rule, what = "flag", _WHAT["flag"]
+    else:
+        rule = _RULES.get(name)
+        what = _WHAT.get(rule, "")
+    if name in _CHOICES:
+        if not (value in _CHOICES[name] or (name == "loss" and callable(value))):
+            raise ValueError(f"{name}={value!r}{where} is not one of {list(_CHOICES[name])}")
+        return value
+    if rule is None:
+        return value
+    if rule == "flag":
+        if not (isinstance(value, (bool, np.bool_)) or (isinstance(value, numbers.Integral) and value in (0, 1))):
+            raise TypeError(f"{name} must be {what}{where}, got {value!r}")
+        return bool(value)
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be {what}{where}, got {value!r} of type {type(value).__name__}")
+    if rule in ("count", "integer", "level"):
+        least = {"count": 1, "level": 0, "integer": None}[rule]
+        try:
+            return _check_whole(name, value, least)
+        except ValueError as exc:
+            raise ValueError(f"{exc}{where}") from None
+    value = float(value)
+    ok = {
+        "tolerance": value >= 0,
+        "positive": value > 0,
+        "unit": 0 < value < 1,
+        "eta": 0 <= value < 0.25,
+        "real": not math.isnan(value),
+    }[rule]
+    if not ok or (rule != "real" and not math.isfinite(value)):
+        raise ValueError(f"{name} must be {what}{where}, got {value!r}")
+    return value
+
+
+HVP_MODES = ("reverse-over-reverse", "forward-over-reverse")
+
+
+def check_settings(**settings: Any) -> dict[str, Any]:
+    """keras_opt_ref's own settings, checked the same way; returns them normalized.
+
+    ``chunk_size``, ``max_jacobian_bytes`` and ``max_data_bytes`` are positive integers,
+    ``max_hessian_params`` an integer >= 0, ``verbose`` an integer >= 0, ``tol`` a number >= 0
+    or None, ``deterministic`` a bool, ``jit_compile`` a bool or None, ``hvp_mode`` one of
+    ``HVP_MODES`` or None.
+    """
+    out = {}
+    for name, value in settings.items():
+        if name in ("deterministic", "jit_compile"):
+            if not (isinstance(value, (bool, np.bool_)) or (value is None and name == "jit_compile")):
+                allowed = "True, False or None" if name == "jit_compile" else "True or False"
+                raise TypeError(f"{name} must be {allowed}, got {value!r}")
+            out[name] = value if value is None else bool(value)
+        elif name == "tol":
+            out[name] = None if value is None else check_option("tol", value)
+        elif name == "verbose":
+            out[name] = check_option("verbose", value)
+        elif name == "hvp_mode":
+            if value is not None and value not in HVP_MODES:
+                raise ValueError(f"Unknown hvp_mode {value!r}; choose one of {HVP_MODES} (None: the first)")
+            out[name] = HVP_MODES[0] if value is None else value
+        elif name in _SETTING_RULES:
+            out[name] = _check_whole(name, value, _SETTING_RULES[name])
+        else:
+            raise TypeError(f"unknown setting {name!r}")
+    return out
+
+
+_SETTING_RULES = {"chunk_size": 1, "max_jacobian_bytes": 1, "max_data_bytes": 1, "max_hessian_params": 0}
+
+
+def _check_whole(name: str, value: Any, least: int | None) -> int:
+    what = {1: "a positive integer", None: "an integer"}.get(least, f"an integer >= {least}")
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be {what}, got {value!r} of type {type(value).__name__}")
+    if not (isinstance(value, numbers.Integral) or (math.isfinite(value) and float(value).is_integer())):
+        raise ValueError(f"{name} must be {what}, got {value!r} (not a whole number)")
+    if least is not None and int(value) < least:
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+    return int(value)
 
 
 BoundsSpec = Any  # (lo, hi) | {variable name: (lo, hi)} | [(lo, hi) per variable] | None
@@ -138,6 +282,8 @@ def scipy_bounds(spec: BoundsSpec, flat: FlatVariables) -> scipy.optimize.Bounds
         pass
     elif isinstance(spec, Mapping):
         for key, pair in spec.items():
+            if not (pair is None or _is_pair(pair)):
+                raise ValueError(f"bounds[{key!r}] must be a (lo, hi) tuple or None, got {pair!r}")
             per_variable[_variable_index(str(key), flat)] = pair
     elif _is_pair(spec):
         per_variable = [spec] * len(flat)
@@ -152,19 +298,35 @@ def scipy_bounds(spec: BoundsSpec, flat: FlatVariables) -> scipy.optimize.Bounds
     for i, pair in enumerate(per_variable):
         if pair is None:
             continue
-        lo, hi = pair
-        where = flat.slice(i)
-        if lo is not None:
-            lower[where] = np.broadcast_to(np.asarray(lo, dtype=float), flat.shapes[i]).ravel()
-        if hi is not None:
-            upper[where] = np.broadcast_to(np.asarray(hi, dtype=float), flat.shapes[i]).ravel()
+        for side, value, target in zip(("lo", "hi"), pair, (lower, upper), strict=True):
+            if value is not None:
+                target[flat.slice(i)] = _bound_values(value, flat, i, side)
     for i in nonneg_variables(flat):
         lower[flat.slice(i)] = np.maximum(lower[flat.slice(i)], 0.0)
-    if np.any(lower > upper):
-        raise ValueError("bounds have lo > hi for some weights")
+    crossed = [flat.names[i] for i in range(len(flat)) if np.any(lower[flat.slice(i)] > upper[flat.slice(i)])]
+    if crossed:
+        raise ValueError(f"bounds have lo > hi for weights of {crossed} (NonNeg adds lo = 0); swap or widen them")
     if np.all(np.isneginf(lower)) and np.all(np.isposinf(upper)):
         return None
     return scipy.optimize.Bounds(lower, upper)
+
+
+def _bound_values(value: Any, flat: FlatVariables, i: int, side: str) -> np.ndarray:
+    """One side of a variable's bounds as a flat float64 array of the variable's size."""
+    name, shape = flat.names[i], flat.shapes[i]
+    try:
+        values = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise TypeError(f"bounds for {name}: {side} must be a number or an array of numbers, got {value!r}") from None
+    if np.any(np.isnan(values)):
+        raise ValueError(f"bounds for {name}: {side} contains NaN; use None (or +-inf) for no bound")
+    try:
+        return np.broadcast_to(values, shape).ravel()
+    except ValueError:
+        raise ValueError(
+            f"bounds for {name}: {side} has shape {values.shape}, which does not broadcast to the variable's "
+            f"shape {shape}; pass a scalar or an array of shape {shape}"
+        ) from None
 
 
 def constrained_variables(flat: FlatVariables) -> dict[int, str]:

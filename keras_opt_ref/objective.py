@@ -6,9 +6,15 @@ float64 vector ``x`` -- the value ``model.evaluate(x, y, batch_size=len(x))`` re
 
 Data larger than ``chunk_size`` rows is evaluated in fixed-size chunks inside one compiled
 graph (a sequential ``tf.while_loop``), so memory is bounded by the chunk. Each chunk's
-loss is weighted by its share of the rows; as the shares sum to one, data-independent
-terms (weight regularizers) count exactly once and per-sample means are reproduced
-exactly (Keras's default ``sum_over_batch_size`` reduction).
+loss is weighted by its share of the denominator of Keras's reduction (``checks.chunk_rule``):
+its share of the rows for ``sum_over_batch_size``, 1 for ``sum``, its share of the sample
+weights for ``mean_with_sample_weight``; weight regularizers are counted once. A loss no rule
+reproduces exactly (masked outputs, ``add_loss`` terms, a custom loss that may reduce over the
+batch itself, an overridden ``compute_loss``) is evaluated in one chunk, with a warning.
+
+Before any compiled work, every chunk is run once through the model and ``compute_loss`` in a
+plain ``tf.function`` (no XLA, which would clamp an out-of-range Embedding id instead of
+raising), as ``fit`` and ``evaluate`` run models: in graph mode.
 
 Every callable sets the variables from its own ``x`` first, so calls may come in any
 order. Values and gradients are memoized on a copy of the last ``x``.
@@ -29,11 +35,12 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from . import _keras, checks
+from . import _keras, checks, methods
 from .flat import FlatVariables
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
+    "DEFAULT_MAX_DATA_BYTES",
     "DEFAULT_MAX_HESSIAN_PARAMS",
     "FullBatchObjective",
     "HessianTooLargeError",
@@ -42,7 +49,8 @@ __all__ = [
 
 DEFAULT_CHUNK_SIZE = 65536
 DEFAULT_MAX_HESSIAN_PARAMS = 5000
-HVP_MODES = ("reverse-over-reverse", "forward-over-reverse")
+DEFAULT_MAX_DATA_BYTES = 4 * 2**30
+HVP_MODES = methods.HVP_MODES
 
 # Methods that need no dense Hessian; named in the refusal message.
 _HESSIAN_FREE = "trust-ncg, trust-krylov, Newton-CG (Hessian-vector products) or L-BFGS-B"
@@ -90,6 +98,9 @@ class FullBatchObjective:
         Largest number of weights for which :meth:`hessian` builds a dense matrix.
     deterministic
         Accept stochastic layers (Dropout, noise), evaluated in inference mode.
+    max_data_bytes
+        Largest training set, in bytes as dense tensors, held in memory (sparse inputs are
+        densified); larger data is refused before any work.
     """
 
     def __init__(
@@ -104,20 +115,23 @@ class FullBatchObjective:
         hvp_mode: str | None = None,
         max_hessian_params: int = DEFAULT_MAX_HESSIAN_PARAMS,
         deterministic: bool = False,
+        max_data_bytes: int = DEFAULT_MAX_DATA_BYTES,
     ) -> None:
+        settings = methods.check_settings(
+            chunk_size=chunk_size, jit_compile=jit_compile, hvp_mode=hvp_mode, max_hessian_params=max_hessian_params,
+            deterministic=deterministic, max_data_bytes=max_data_bytes,
+        )
         checks.check_model(model, deterministic=deterministic)
-        if int(chunk_size) < 1:
-            raise ValueError(f"chunk_size must be a positive number of rows, got {chunk_size!r}")
-        hvp_mode = HVP_MODES[0] if hvp_mode is None else hvp_mode
-        if hvp_mode not in HVP_MODES:
-            raise ValueError(f"Unknown hvp_mode {hvp_mode!r}; choose one of {HVP_MODES}")
         self.model = model
-        self.chunk_size = int(chunk_size)
-        self.hvp_mode = hvp_mode
-        self.max_hessian_params = int(max_hessian_params)
+        self.chunk_size = settings["chunk_size"]
+        self.max_data_bytes = settings["max_data_bytes"]
+        self.hvp_mode = settings["hvp_mode"]
+        self.max_hessian_params = settings["max_hessian_params"]
         self.jit_compile = True if jit_compile is None else bool(jit_compile)
         self._xla_fallback = jit_compile is None
         self._chunks: tuple[Any, Any] | None = None
+        self.facts = checks.LossFacts()
+        self._check_function = tf.function(self._graph_check, jit_compile=False)
         self.set_data(x, y, sample_weight)
         checks.check_trainable(model)
         self.flat = FlatVariables.from_variables(model.trainable_variables)
@@ -148,15 +162,27 @@ class FullBatchObjective:
     # ------------------------------------------------------------------ data
     def set_data(self, x: Any, y: Any = None, sample_weight: Any = None) -> None:
         """Hold a new training set in memory (validated; same shapes reuse the graphs)."""
-        data = _map_data(tf.convert_to_tensor, (x, y, sample_weight))
-        self.num_samples = checks.check_data(data)
-        n, c = self.num_samples, self.chunk_size
+        data = checks.as_tensors((x, y, sample_weight), self.max_data_bytes)
+        self.num_samples = n = checks.check_data(data)
+        self._check_on_data(data)
+        self.rule, why = checks.chunk_rule(self.model, self.facts, data[2])
+        rows = self.chunk_size
+        if n > rows and not self.rule:
+            warnings.warn(
+                f"All {n} samples are evaluated in one piece, not in chunks of chunk_size={rows}: {why}, so chunk "
+                "values do not add up to Keras's loss. Memory is not bounded by chunk_size here.",
+                UserWarning,
+                stacklevel=3,
+            )
+            rows = n
+        self.rule = self.rule or "rows"
+        self._chunk_rows = c = min(rows, n)
         full, rest = divmod(n, c) if n > c else (0, n)
         # head: (full, c, ...) chunks walked by a while_loop; tail: the remaining rows.
         head = _map_data(lambda t: tf.reshape(t[: full * c], [full, c, *t.shape[1:]]), data) if full else None
         tail = _map_data(lambda t: t[full * c :], data)
-        self._weights = (c / n, rest / n)
-        self._validate((head, tail))
+        # Each chunk's share of the loss (rule "sample_weight": computed in the graph from the data).
+        self._weights = (1.0, 1.0 if rest else 0.0) if self.rule == "sum" else (c / n, rest / n)
         if self._chunks is not None and _same_layout(self._chunks, (head, tail)):
             tf.nest.map_structure(lambda v, t: None if v is None else v.assign(t), self._chunks, (head, tail))
         else:
@@ -180,22 +206,36 @@ class FullBatchObjective:
 
         return tail if head is None else tf.nest.map_structure(join, head, tail)
 
-    def _validate(self, chunks: tuple[Any, Any]) -> None:
-        # One eager forward pass per chunk, before any compiled work: builds the model and
-        # Keras's loss container outside any traced function, and surfaces data errors
-        # that XLA would hide (an out-of-range Embedding index is clamped under XLA).
-        head, tail = chunks
-        count = 0 if head is None else int(tf.nest.flatten(head)[0].shape[0])
+    def _check_on_data(self, data: tuple[Any, Any, Any]) -> None:
+        # The model and compute_loss once per chunk, in a plain tf.function: surfaces data errors
+        # (shapes, dtypes, Embedding ids, which XLA would clamp) before any compiled work, builds
+        # the model and Keras's loss container outside the compiled graphs, and records what the
+        # trace shows about the loss (self.facts: masks, add_loss terms, the loss's shape).
+        n, c = self.num_samples, self.chunk_size
         try:
-            for i in range(count):
-                self._loss(_map_data(lambda t, i=i: t[i], head))
-            if self._weights[1]:
-                self._loss(tail)
+            for start in range(0, n, c):
+                self._check_function(_map_data(lambda t, s=start: t[s : s + c], data))
         except (tf.errors.OpError, ValueError, TypeError) as exc:
             raise ValueError(
-                f"The model cannot evaluate its training data ({type(exc).__name__}: {_first_line(exc)}). "
-                "Check the inputs' shapes, dtypes and index ranges (e.g. Embedding ids < input_dim)."
+                f"The model cannot evaluate its training data ({checks.summary(exc)}). Check the inputs' "
+                "shapes, dtypes and index ranges (e.g. Embedding ids < input_dim)."
             ) from exc
+        checks.check_loss_facts(self.facts)
+
+    def _graph_check(self, batch: tuple[Any, Any, Any]) -> tf.Tensor:
+        x, y, sample_weight = batch
+        y_pred = self.model(x, training=False)
+        outputs = tf.nest.flatten(y_pred)
+        facts = self.facts
+        facts.add_losses = max(facts.add_losses, _keras.add_loss_count(self.model))
+        facts.masked = facts.masked or any(_keras.output_mask(t) is not None for t in outputs)
+        names = list(getattr(self.model, "output_names", None) or [])
+        facts.output_names = sorted(y_pred) if isinstance(y_pred, dict) else (
+            names if len(names) == len(outputs) else [str(i) for i in range(len(outputs))])
+        facts.batch_level = _batch_level_losses(self.model, y, outputs)
+        loss = self.model.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight)
+        facts.loss_shape = tuple(tf.convert_to_tensor(loss).shape)
+        return loss
 
     # ------------------------------------------------------------ numpy API
     @property
@@ -257,6 +297,16 @@ class FullBatchObjective:
         x = np.asarray(x, dtype=np.float64)
         return (self._memo_f, self._memo_g) if self._memo_hit(x) else None
 
+    def known_value(self, x: np.ndarray) -> float | None:
+        """The loss at ``x`` if an evaluation already gave it (the last point, or the best one as the
+        variables hold it), else ``None``: after a failure the model need not run again."""
+        cached = self.cached(x)
+        if cached is not None:
+            return cached[0]
+        if self.best_x is not None and np.array_equal(self.flat.as_held(self.best_x), x):
+            return self.best_value
+        return None
+
     def _tensor(self, x: np.ndarray) -> tf.Tensor:
         dtype = self.flat.common_dtype
         return tf.convert_to_tensor(x.astype(dtype.as_numpy_dtype, copy=False))
@@ -272,7 +322,7 @@ class FullBatchObjective:
             self._build_functions()
             result = self._concrete_function(name)(*args)  # a real error (not XLA's) raises again here
             warnings.warn(
-                f"XLA could not compile this model ({_first_line(exc)}); evaluating without XLA, which may "
+                f"XLA could not compile this model ({checks.summary(exc)}); evaluating without XLA, which may "
                 "be slower. Pass jit_compile=False to skip the attempt.",
                 RuntimeWarning,
                 stacklevel=3,
@@ -288,7 +338,10 @@ class FullBatchObjective:
             self.best_value, self.best_x = f, self._memo_x  # shared: neither is ever written to
 
     # ---------------------------------------------------------------- graphs
-    def _loss(self, batch: tuple[Any, Any, Any]) -> tf.Tensor:
+    def _loss(self, batch: tuple[Any, Any, Any] | None) -> tf.Tensor:
+        """Inside a graph: Keras's loss on a batch; ``None``: the weight regularizers alone."""
+        if batch is None:
+            return tf.add_n([tf.cast(loss, tf.float64) for loss in self.model.losses])
         x, y, sample_weight = batch
         y_pred = self.model(x, training=False)
         loss = self.model.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight)
@@ -298,27 +351,49 @@ class FullBatchObjective:
         for var, value in zip(self._tf_vars, self.flat.split(x), strict=True):
             var.assign(value)
 
-    def _over_chunks(self, chunk_fn: Callable[[Any, float], tuple]) -> tuple:
-        """Sum ``chunk_fn(chunk, weight)`` over all chunks (sequentially, memory-bounded)."""
+    def _over_chunks(self, chunk_fn: Callable[[Any, Any], tuple]) -> tuple:
+        """Sum ``chunk_fn(chunk, share)`` over all chunks (sequentially, memory-bounded).
+
+        The shares follow ``self.rule``; where they do not sum to one (rule ``"sum"``), the
+        weight regularizers, which every chunk's loss contains, are taken out ``k - 1`` times.
+        """
         head, tail = self._chunks
-        head_weight, tail_weight = self._weights
-        total = chunk_fn(_map_data(tf.convert_to_tensor, tail), tail_weight) if tail_weight else None
+        head_share, tail_share = self._shares()
+        total = chunk_fn(_map_data(tf.convert_to_tensor, tail), tail_share) if self._weights[1] else None
+        if head is not None:
+            count = int(tf.nest.flatten(head)[0].shape[0])
+
+            def chunk(i):
+                return _map_data(lambda v: tf.gather(v, i), head)
+
+            def body(i, acc):
+                return i + 1, tuple(a + b for a, b in zip(acc, chunk_fn(chunk(i), head_share(i)), strict=True))
+
+            if total is None:  # no tail: start from the first chunk
+                start, acc = 1, chunk_fn(chunk(0), head_share(0))
+            else:
+                start, acc = 0, tuple(tf.zeros_like(t) for t in total)
+            _, acc = tf.while_loop(lambda i, _: i < count, body, (tf.constant(start), acc), parallel_iterations=1)
+            total = acc if total is None else tuple(a + b for a, b in zip(acc, total, strict=True))
+        if self.rule == "sum":
+            chunks = (0 if head is None else count) + (1 if self._weights[1] else 0)
+            if chunks > 1 and self.model.losses:
+                extra = chunk_fn(None, 1.0 - chunks)  # a chunk of no data: the regularizers alone
+                total = tuple(a + b for a, b in zip(total, extra, strict=True))
+        return total
+
+    def _shares(self) -> tuple[Callable[[Any], Any], Any]:
+        """Inside a graph: head chunk ``i``'s share of the loss (a function of ``i``) and the tail's."""
+        if self.rule != "sample_weight":
+            return (lambda i: self._weights[0]), self._weights[1]
+        head, tail = self._chunks
+        tail_sum = tf.reduce_sum(tf.cast(tf.nest.flatten(tail[2])[0], tf.float64))
         if head is None:
-            return total
-        count = int(tf.nest.flatten(head)[0].shape[0])
-
-        def chunk(i):
-            return _map_data(lambda v: tf.gather(v, i), head)
-
-        def body(i, acc):
-            return i + 1, tuple(a + b for a, b in zip(acc, chunk_fn(chunk(i), head_weight), strict=True))
-
-        if total is None:  # no tail: start from the first chunk
-            start, acc = 1, chunk_fn(chunk(0), head_weight)
-        else:
-            start, acc = 0, tuple(tf.zeros_like(t) for t in total)
-        _, acc = tf.while_loop(lambda i, _: i < count, body, (tf.constant(start), acc), parallel_iterations=1)
-        return acc if total is None else tuple(a + b for a, b in zip(acc, total, strict=True))
+            return (lambda i: 1.0), tf.math.divide_no_nan(tail_sum, tail_sum)
+        per_chunk = tf.cast(tf.nest.flatten(head[2])[0], tf.float64)
+        per_chunk = tf.reduce_sum(tf.reshape(per_chunk, [per_chunk.shape[0], -1]), axis=1)
+        total = tf.reduce_sum(per_chunk) + tail_sum
+        return (lambda i: tf.math.divide_no_nan(tf.gather(per_chunk, i), total)), tf.math.divide_no_nan(tail_sum, total)
 
     def _rows(self, start: tf.Tensor, size: int) -> Any:
         """Inside a graph: rows ``[start, start + size)`` of the data, gathered from the chunk
@@ -328,7 +403,7 @@ class FullBatchObjective:
         idx = start + tf.range(size)
         if head is None:
             return _map_data(lambda t: tf.gather(t, idx), tail)
-        c = self.chunk_size
+        c = self._chunk_rows
         in_head = int(tf.nest.flatten(head)[0].shape[0]) * c
         at = tf.minimum(idx, in_head - 1)
         at = tf.stack([at // c, at % c], axis=1)
@@ -420,10 +495,19 @@ def _dot(grads: list[Any], directions: list[tf.Tensor]) -> tf.Tensor:
     return tf.add_n(terms)
 
 
-def _first_line(exc: BaseException, limit: int = 200) -> str:
-    text = str(exc).strip()
-    line = text.splitlines()[0] if text else type(exc).__name__
-    return line if len(line) <= limit else line[: limit - 3] + "..."
+def _batch_level_losses(model: Any, y: Any, outputs: list[Any]) -> list[str]:
+    """Inside the check's trace: the custom compiled losses not seen to return one value per sample
+    (one that reduces over the batch itself does not add up over chunks)."""
+    customs = [loss for loss in _keras.loss_leaves(model) if not _keras.is_builtin_loss(loss)]
+    targets = tf.nest.flatten(y)
+    if len(customs) == 1 and len(outputs) == 1 and len(targets) == 1:
+        try:
+            values = _keras.per_sample_values(customs[0], targets[0], outputs[0])
+            if values.shape.rank and values.shape[0] == outputs[0].shape[0]:
+                return []
+        except Exception:  # noqa: BLE001 -- any failure means: not known to be per sample
+            pass
+    return [getattr(loss, "name", None) or getattr(loss, "__name__", None) or type(loss).__name__ for loss in customs]
 
 
 def _same_layout(held: Any, new: Any) -> bool:

@@ -11,6 +11,10 @@ Data path: Keras's ``fit`` calls ``train_function(iterator)`` once per step, the
 spanning the epoch. The first call of an epoch drains the iterator into memory (whatever
 ``batch_size`` or data source ``fit`` was given), runs one optimization over the full data
 set and returns the logs; later calls in the same epoch return those logs without work.
+
+Failure path: a NaN/Inf value, gradient, Hessian or residual is never handed to scipy. The
+evaluation that produced it stops the run (``_NonFinite``), which ends like any other failure:
+the model is left at the best finite point evaluated and ``result.message`` says why.
 """
 
 from __future__ import annotations
@@ -24,12 +28,15 @@ from typing import Any
 
 import numpy as np
 import scipy.optimize
+import scipy.sparse.linalg
 import tensorflow as tf
 
 from . import _keras, checks, methods
+from .flat import FlatVariables
 from .least_squares import DEFAULT_MAX_JACOBIAN_BYTES, LeastSquaresObjective
 from .objective import (
     DEFAULT_CHUNK_SIZE,
+    DEFAULT_MAX_DATA_BYTES,
     DEFAULT_MAX_HESSIAN_PARAMS,
     FullBatchObjective,
     check_hessian_size,
@@ -40,6 +47,11 @@ __all__ = ["HESSIANS", "LEAST_SQUARES_METHODS", "METHODS", "ScipyTrainFunction",
 METHODS = methods.METHOD_NAMES  # scipy.optimize.minimize
 LEAST_SQUARES_METHODS = tuple(m.name for m in methods.LEAST_SQUARES_METHODS)  # scipy.optimize.least_squares
 HESSIANS = ("exact", "gauss-newton")  # what hess/hessp compute for the minimize methods
+COUNTS = ("nit", "nfev", "njev", "nhev")  # per-epoch counts in the logs and history
+
+
+class _NonFinite(Exception):
+    """An evaluation returned NaN/Inf: raised past scipy to stop the run (never handed to it)."""
 
 
 class ScipyTrainFunction:
@@ -77,8 +89,16 @@ class ScipyTrainFunction:
         hessian: str = "exact",
         jacobian: str | None = None,
         max_jacobian_bytes: int = DEFAULT_MAX_JACOBIAN_BYTES,
+        max_data_bytes: int = DEFAULT_MAX_DATA_BYTES,
         **options: Any,
     ) -> None:
+        # Every argument is checked here, before fit drains any data (methods.check_settings,
+        # methods.solver_options, methods.scipy_bounds).
+        settings = methods.check_settings(
+            verbose=verbose, tol=tol, deterministic=deterministic, chunk_size=chunk_size, jit_compile=jit_compile,
+            hvp_mode=hvp_mode, max_hessian_params=max_hessian_params, max_jacobian_bytes=max_jacobian_bytes,
+            max_data_bytes=max_data_bytes,
+        )
         checks.check_model(model, deterministic=deterministic)
         self.model = model
         self.method = methods.resolve_method(method)
@@ -91,8 +111,9 @@ class ScipyTrainFunction:
                 f"{[m.name for m in methods.METHODS + methods.LEAST_SQUARES_METHODS if m.bounds]}"
             )
         self.bounds = bounds
-        self.tol = tol
-        self.verbose = int(verbose)
+        self.tol = settings["tol"]
+        self.verbose = settings["verbose"]
+        self.max_data_bytes = settings["max_data_bytes"]
         self._least_squares = self.method.least_squares or self.hessian == "gauss-newton"
         self._objective_kwargs: dict[str, Any] = dict(
             chunk_size=chunk_size,
@@ -100,6 +121,7 @@ class ScipyTrainFunction:
             hvp_mode=hvp_mode,
             max_hessian_params=max_hessian_params,
             deterministic=deterministic,
+            max_data_bytes=max_data_bytes,
         )
         if self._least_squares:
             self._objective_kwargs["max_jacobian_bytes"] = max_jacobian_bytes
@@ -111,12 +133,22 @@ class ScipyTrainFunction:
         self._logs: dict[str, Any] = {}
         if model.built:
             checks.check_trainable(model)
+            flat = FlatVariables.from_variables(model.trainable_variables)
+            if self.method.bounds:
+                methods.scipy_bounds(bounds, flat)
             if self.method.uses_dense_hessian:
-                n = sum(int(np.prod(v.shape)) for v in model.trainable_variables)
-                check_hessian_size(n, max_hessian_params)
+                check_hessian_size(flat.size, max_hessian_params)
+        _keras.on_compile(model, _warn_if_reset)
 
     # ------------------------------------------------------------- Keras side
     def __call__(self, iterator: Any) -> dict[str, Any]:
+        caller = _keras.calling_model()
+        if caller is not None and caller is not self.model:
+            raise ValueError(
+                f"This train function was made for model {self.model.name!r} and would train it, but "
+                f"{caller.name!r}.fit called it. Make one per model: "
+                f"{caller.name}.train_function = make_train_function({caller.name}, ...)."
+            )
         steps = _keras.fit_steps_per_epoch(self.model)
         first = []
         if iterator is self._iterator:
@@ -128,11 +160,18 @@ class ScipyTrainFunction:
                 # Data of unknown size was drained: this raises StopIteration, which ends
                 # Keras's epoch as its own step would.
                 first = [next(iterator)]
-        batches = first + _take(iterator, None if steps is None else steps - len(first))
+        if steps is None and _keras.is_infinite(iterator):
+            raise ValueError(
+                "fit got an endless tf.data.Dataset (.repeat() without a count) and no steps_per_epoch, so an "
+                "epoch's training set would never end. Pass steps_per_epoch=... (that many batches form each "
+                "epoch's training set), or repeat the dataset a finite number of times."
+            )
+        batches = first + _take(iterator, None if steps is None else steps - len(first), self.max_data_bytes)
         self._iterator = iterator
         self._calls_left = math.ceil(steps / _keras.steps_per_execution(self.model)) - 1 if steps else 0
         data = _concatenate([_keras.unpack_x_y_sample_weight(self.model, b) for b in batches])
         self._logs = self.run(*data)
+        _keras.keep_counts_integer(self.model, self._logs, COUNTS)
         return self._logs
 
     # ------------------------------------------------------------- scipy side
@@ -156,32 +195,62 @@ class ScipyTrainFunction:
         calls: Counter[str] = Counter()  # what scipy really asked for: the counts we report
         kwargs: dict[str, Any] = dict(method=self.method.name, tol=self.tol, callback=progress, options=self.options)
         if self.method.jac:
-            kwargs.update(fun=_counted(objective.value_and_grad, calls, "fun"), jac=True)
+            kwargs.update(fun=_counted(objective.value_and_grad, calls, "fun", "loss", "gradient"), jac=True)
         else:
-            kwargs.update(fun=_counted(objective.value, calls, "fun"))
+            kwargs.update(fun=_counted(objective.value, calls, "fun", "loss"))
         if self.method.hess == "hessp":
-            kwargs["hessp"] = _counted(objective.hessp, calls, "hev")
+            kwargs["hessp"] = _counted(objective.hessp, calls, "hev", "Hessian-vector product")
         elif self.method.hess == "hess":
-            kwargs["hess"] = _counted(objective.hessian, calls, "hev")
+            kwargs["hess"] = _counted(objective.hessian, calls, "hev", "Hessian")
         if bounds is not None:
             kwargs["bounds"] = bounds
         if self.method.least_squares:
             kwargs = self._least_squares_kwargs(objective, bounds, calls, progress)
         elif self.hessian == "gauss-newton":
             if "hessp" in kwargs:
-                kwargs["hessp"] = _counted(objective.gauss_newton_hessp, calls, "hev")
+                kwargs["hessp"] = _counted(objective.gauss_newton_hessp, calls, "hev", "Gauss-Newton product")
             if "hess" in kwargs:
-                kwargs["hess"] = _counted(objective.gauss_newton_hessian, calls, "hev")
+                kwargs["hess"] = _counted(objective.gauss_newton_hessian, calls, "hev", "Gauss-Newton matrix")
         progress.start(x0)
         try:
             if self.method.least_squares:
                 result = _least_squares_result(scipy.optimize.least_squares(x0=x0, **kwargs), calls, progress)
             else:
                 result = scipy.optimize.minimize(x0=x0, **kwargs)
+        except _NonFinite as stop:  # a controlled stop: the run ends, fit goes on
+            logs = self._finish(objective, self._failed_result(x0, stop, calls, progress), x0, bounds, calls, progress)
+            warnings.warn(self.result.message, RuntimeWarning, stacklevel=2)
+            return logs
         except BaseException as exc:  # KeyboardInterrupt included: keep the best point, then re-raise
-            self._finish(objective, _failed_result(x0, exc), x0, bounds, calls, progress)
+            self._finish(objective, self._failed_result(x0, exc, calls, progress), x0, bounds, calls, progress)
             raise
-        return self._finish(objective, result, x0, bounds, calls, progress)
+        logs = self._finish(objective, result, x0, bounds, calls, progress)
+        if self.method.least_squares:
+            self._verify_residuals(objective, x0)
+        return logs
+
+    def _verify_residuals(self, objective: Any, x0: np.ndarray) -> None:
+        """Least squares trusts r . r to be Keras's loss: checked at the start (on construction)
+        and here at the end, where a term the residuals miss has had the whole run to grow."""
+        try:
+            objective.check_consistent(self.result.x, when="at the end of the run")
+        except checks.NotSquaredErrorError:
+            objective.set_weights(x0)  # the last point where r . r was Keras's loss
+            self.result.x, self.result.success = objective.flat.read(), False
+            raise
+
+    def _failed_result(
+        self, x0: np.ndarray, exc: BaseException, calls: Counter[str], progress: _Progress
+    ) -> scipy.optimize.OptimizeResult:
+        if isinstance(exc, _NonFinite):
+            reason = f"Stopped: {exc}"
+        else:
+            reason = f"Stopped by {type(exc).__name__}" + (f" ({checks.summary(exc)})" if str(exc) else "")
+        nit = progress.iteration or (calls["fun"] if self.method.name == "lm" else 0)
+        njev = calls["jev"] if self.method.least_squares else calls["fun"] if self.method.jac else 0
+        return scipy.optimize.OptimizeResult(
+            x=x0, fun=math.nan, success=False, status=-1, message=reason, nit=nit, njev=njev, failed=True
+        )
 
     def _least_squares_kwargs(
         self, objective: Any, bounds: scipy.optimize.Bounds | None, calls: Counter[str], progress: _Progress
@@ -203,7 +272,8 @@ class ScipyTrainFunction:
         self.jacobian_mode = mode
         jac = objective.jacobian if mode == "dense" else objective.jacobian_operator
         kwargs: dict[str, Any] = dict(
-            fun=_counted(objective.residuals, calls, "fun"), jac=_counted(jac, calls, "jev"),
+            fun=_counted(objective.residuals, calls, "fun", "residual vector"),
+            jac=_counted(jac, calls, "jev", "Jacobian"),
             method=self.method.name, **options,
         )
         if bounds is not None:
@@ -233,19 +303,21 @@ class ScipyTrainFunction:
         best_x, best_value = objective.best_x, objective.best_value
         if best_x is not None and bounds is not None and not _inside(best_x, bounds):
             best_x = None  # COBYLA evaluates infeasible points; never keep one
-        if not (math.isfinite(fun) and (best_x is None or fun <= best_value)):
-            # scipy's point is non-finite or worse than one already seen: keep the best
-            # finite point, or the start if no evaluation was finite.
-            where = "the best point found" if best_x is not None else "its starting weights"
+        failed = bool(result.pop("failed", False))
+        moved = not (math.isfinite(fun) and (best_x is None or fun <= best_value))
+        if moved:
+            # scipy's point is non-finite or worse than one already seen (or the run failed):
+            # keep the best finite point, or the start if no evaluation was finite.
             result.x = best_x if best_x is not None else x0
-            result.message = (
-                f"{result.get('message', '')} -- model left at {where} (scipy's returned loss {fun:.6g})"
-            ).strip(" -")
         objective.set_weights(_into_bounds(objective.flat, np.asarray(result.x, dtype=np.float64), bounds))
         # Report what the model holds (x rounded to the variables' dtype, inside the bounds)
         # and the loss there; a memo hit unless rounding or projection moved the point.
         result.x = objective.flat.read()
         result.fun = _loss_or_nan(objective, result.x)
+        if moved:
+            where = "the best finite point evaluated" if best_x is not None else "its starting weights"
+            returned = "" if failed else f"; scipy's returned loss: {fun:.6g}"
+            result.message = f"{result.get('message', '')} -- model left at {where}, loss {result.fun:.6g}{returned}"
         result.nfev = calls["fun"]
         result.nhev = calls["hev"]
         result.njev = int(result.get("njev", calls["fun"] if self.method.jac else 0) or 0)
@@ -390,12 +462,6 @@ def _print(text: str) -> None:
     print(text, file=sys.stdout, flush=True)
 
 
-def _failed_result(x0: np.ndarray, exc: BaseException) -> scipy.optimize.OptimizeResult:
-    return scipy.optimize.OptimizeResult(
-        x=x0, fun=math.nan, success=False, status=-1, message=f"stopped by {type(exc).__name__}: {exc}"
-    )
-
-
 def _least_squares_result(result: Any, calls: Counter[str], progress: _Progress) -> Any:
     """least_squares reports ``cost = r . r / 2`` and the residuals as ``fun``: restate as minimize does."""
     result.residuals = result.fun
@@ -434,10 +500,31 @@ def _check_jacobian_choice(method: methods.Method, jacobian: str | None, options
     return jacobian
 
 
-def _counted(fn: Any, calls: Counter[str], name: str) -> Any:
+_CALLABLE = {"fun": "fun", "hev": "hess/hessp", "jev": "jac"}  # what each count counts, as scipy calls it
+
+
+def _counted(fn: Any, calls: Counter[str], name: str, *kinds: str) -> Any:
+    """``fn`` counted in ``calls[name]``; a non-finite output (named by ``kinds``, in the order
+    ``fn`` returns them) stops the run instead of reaching scipy."""
+
     def counted(*args: Any) -> Any:
         calls[name] += 1
-        return fn(*args)
+        out = fn(*args)
+        for kind, value in zip(kinds, out if isinstance(out, tuple) else (out,), strict=False):
+            if isinstance(value, scipy.sparse.linalg.LinearOperator):
+                continue
+            bad = checks.non_finite(value)
+            if bad:
+                x = np.asarray(args[0], dtype=np.float64)
+                raise _NonFinite(
+                    f"the {kind} is not finite ({bad}) at call {calls[name]} of scipy's {_CALLABLE[name]}, at weights "
+                    f"with max |x| = "
+                    f"{np.max(np.abs(x)) if x.size else 0:.3g}. A NaN/Inf is never handed to scipy. Common causes: "
+                    "a step into a region where the model overflows (exp, log or sqrt of 0, division by 0). Bound "
+                    "the weights (bounds=...), take smaller first steps (maxls, initial_trust_radius, stepmx), or "
+                    "make the model finite there"
+                )
+        return out
 
     return counted
 
@@ -463,24 +550,41 @@ def _into_bounds(flat: Any, x: np.ndarray, bounds: scipy.optimize.Bounds | None)
 
 
 def _loss_or_nan(objective: FullBatchObjective, x: np.ndarray) -> float:
-    cached = objective.cached(x)
-    if cached is not None:
-        return cached[0]
+    known = objective.known_value(x)
+    if known is not None:
+        return known
     try:
         return objective.value(x)
     except Exception:  # reporting must not mask the failure being reported
         return math.nan
 
 
-def _take(iterator: Any, count: int | None) -> list[Any]:
-    """Up to ``count`` batches from a Keras data iterator (all that remain if ``None``)."""
-    batches = []
-    while count is None or len(batches) < count:
+_BLOCK = 256  # drained batches are joined in blocks of this many: tensors cost ~1.5 KB each beyond their data
+
+
+def _take(iterator: Any, count: int | None, max_bytes: int) -> list[Any]:
+    """Up to ``count`` batches from a Keras data iterator (all that remain if ``None``), joined into
+    blocks as they come, refusing to hold more than ``max_bytes`` of data (as dense tensors): an
+    endless source must not grow memory without bound."""
+    blocks, batches, held, taken, rows = [], [], 0, 0, 0
+    while count is None or taken < count:
         try:
-            batches.append(next(iterator))
+            batch = next(iterator)
         except (StopIteration, tf.errors.OutOfRangeError):
             break
-    return batches
+        taken += 1
+        leaves = [leaf for leaf in tf.nest.flatten(batch) if leaf is not None]
+        held += sum(checks.dense_bytes(leaf) for leaf in leaves)
+        rows += int(leaves[0].shape[0]) if leaves and leaves[0].shape.rank else 0
+        if held > max_bytes:
+            blocks.clear(), batches.clear()
+            ended = "without ending" if count is None else f"of the epoch's {count}"
+            checks.check_data_bytes(held, max_bytes, drained=f"in {taken} batches {ended} ({rows} samples)")
+        batches.append(batch)
+        if len(batches) == _BLOCK:
+            blocks.append(_concatenate(batches))
+            batches = []
+    return blocks + batches
 
 
 def _concatenate(batches: list[tuple[Any, Any, Any]]) -> tuple[Any, Any, Any]:
@@ -491,5 +595,25 @@ def _concatenate(batches: list[tuple[Any, Any, Any]]) -> tuple[Any, Any, Any]:
         )
     if len(batches) == 1:
         return batches[0]
-    return tf.nest.map_structure(lambda *parts: None if parts[0] is None else tf.concat(parts, axis=0), *batches)
 
+    def join(*parts: Any) -> Any:
+        if parts[0] is None:
+            return None
+        if isinstance(parts[0], tf.SparseTensor):
+            return tf.sparse.concat(0, list(parts), expand_nonconcat_dims=True)
+        return tf.concat(parts, axis=0)
+
+    return tf.nest.map_structure(join, *batches)
+
+
+def _warn_if_reset(model: Any, before: Any) -> None:
+    """``compile()`` resets ``model.train_function``; say so when it held a scipy train function."""
+    if isinstance(before, ScipyTrainFunction) and model.train_function is not before:
+        optimizer = type(getattr(model, "optimizer", None)).__name__
+        warnings.warn(
+            f"model.compile() reset model.train_function, which was keras_opt_ref's {before.method.name} train "
+            f"function: fit() would now train with the compiled optimizer ({optimizer}). Assign it again after "
+            f"compile(): model.train_function = make_train_function(model, method={before.method.name!r}, ...).",
+            UserWarning,
+            stacklevel=3,
+        )

@@ -19,6 +19,25 @@ def pytest_report_header(config):
     return f"keras flavour: {KERAS.__name__} {KERAS.__version__}; tensorflow {tf.__version__}"
 
 
+def pytest_terminal_summary(terminalreporter):
+    """The bad-input table's counts per class (refused / handled / recovered) and outcome."""
+    import collections
+
+    counts = collections.Counter()
+    for outcome in ("passed", "failed", "skipped"):
+        for report in terminalreporter.stats.get(outcome, []):
+            kind = dict(getattr(report, "user_properties", ())).get("kind")
+            if kind:
+                counts[kind, outcome] += 1
+    if counts:
+        row = ", ".join(
+            f"{kind}: " + " ".join(f"{counts[kind, o]} {o}" for o in ("passed", "failed", "skipped") if counts[kind, o])
+            for kind in ("refused", "handled", "recovered")
+            if any(counts[kind, o] for o in ("passed", "failed", "skipped"))
+        )
+        terminalreporter.write_line(f"bad-input table on {KERAS.__name__} {KERAS.__version__}: {row}")
+
+
 @pytest.fixture
 def keras():
     return KERAS
@@ -88,3 +107,100 @@ def regression(n=50, d=3, seed=0):
     X = rng.normal(size=(n, d))
     y = np.sin(X @ rng.normal(size=(d, 1))) + 0.1 * rng.normal(size=(n, 1))
     return X, y
+
+
+class ScipySpy:
+    """Wraps scipy.optimize.minimize and least_squares: counts every call scipy makes to the
+    callables it is handed and records each evaluated point with its loss (r . r for residuals).
+    The independent truth for ``result.nfev/njev/nhev/nit`` and for "the best point evaluated"."""
+
+    def __init__(self, monkeypatch, forbid: bool = False):
+        import collections
+
+        import scipy.optimize
+
+        self.calls = collections.Counter()
+        self.evaluations: list[tuple[np.ndarray, float]] = []
+        self.runs = 0
+        real_minimize, real_least_squares = scipy.optimize.minimize, scipy.optimize.least_squares
+
+        def counted(name, fn, loss=None):
+            def wrapped(x, *args):
+                self.calls[name] += 1
+                out = fn(x, *args)
+                if loss is not None:
+                    self.evaluations.append((np.array(x, dtype=np.float64), loss(out)))
+                return out
+
+            return wrapped
+
+        def callback(fn):
+            def wrapped(intermediate_result):
+                self.calls["callback"] += 1
+                return fn(intermediate_result)
+
+            return wrapped
+
+        def first(out):
+            return float(out[0] if isinstance(out, tuple) else out)
+
+        def minimize(fun, x0, **kwargs):
+            if forbid:
+                raise AssertionError("scipy.optimize.minimize was called: the bad input was not refused before work")
+            self.runs += 1
+            fun = counted("fun", fun, first)
+            for key in ("hess", "hessp"):
+                if callable(kwargs.get(key)):
+                    kwargs[key] = counted(key, kwargs[key])
+            if kwargs.get("callback") is not None:
+                kwargs["callback"] = callback(kwargs["callback"])
+            return real_minimize(fun, x0, **kwargs)
+
+        def least_squares(fun, x0, **kwargs):
+            if forbid:
+                raise AssertionError("scipy.optimize.least_squares was called: the bad input was not refused")
+            self.runs += 1
+            fun = counted("fun", fun, lambda r: float(np.dot(r, r)))
+            kwargs["jac"] = counted("jac", kwargs["jac"])
+            if kwargs.get("callback") is not None:
+                kwargs["callback"] = callback(kwargs["callback"])
+            return real_least_squares(fun, x0=x0, **kwargs)
+
+        monkeypatch.setattr(scipy.optimize, "minimize", minimize)
+        monkeypatch.setattr(scipy.optimize, "least_squares", least_squares)
+
+    def best(self) -> tuple[np.ndarray, float]:
+        """The evaluated point with the lowest finite loss, and that loss."""
+        finite = [(f, i) for i, (_, f) in enumerate(self.evaluations) if np.isfinite(f)]
+        f, i = min(finite)
+        return self.evaluations[i][0], f
+
+
+@pytest.fixture
+def scipy_spy(monkeypatch):
+    return ScipySpy(monkeypatch)
+
+
+def assert_recovered(train, model, x, y, spy: ScipySpy, sample_weight=None) -> None:
+    """After a run that failed or was interrupted: scipy was never handed a NaN/Inf, the model holds
+    the best point scipy evaluated (as the variables' dtype holds it), result.x is that point and
+    result.fun Keras's loss there; the counts are the calls scipy made."""
+    result = train.result
+    assert not result.success, result.message
+    received = [f for _, f in spy.evaluations]
+    assert np.all(np.isfinite(received)), f"scipy was handed a non-finite loss: {received}"
+    weights = train.objective.flat.read()
+    np.testing.assert_array_equal(weights, result.x)
+    best_x, best_f = spy.best()
+    dtype = train.objective.flat.common_dtype.as_numpy_dtype
+    np.testing.assert_array_equal(result.x, best_x.astype(dtype).astype(np.float64), err_msg="not the best point")
+    np.testing.assert_allclose(full_batch_loss(model, x, y, sample_weight), result.fun, rtol=1e-5)
+    np.testing.assert_allclose(result.fun, best_f, rtol=1e-5)
+    assert result.nfev == spy.calls["fun"], (result.nfev, spy.calls)
+    assert result.nhev == spy.calls["hess"] + spy.calls["hessp"], (result.nhev, spy.calls)
+    if train.method.least_squares:
+        assert result.njev == spy.calls["jac"], (result.njev, spy.calls)
+    elif train.method.jac:
+        assert result.njev == spy.calls["fun"], (result.njev, spy.calls)
+    if train.method.name != "lm":
+        assert result.nit == spy.calls["callback"], (result.nit, spy.calls)

@@ -1,0 +1,114 @@
+"""Fault injection: a loss that turns NaN after k model calls (every method), an exception thrown
+inside the compiled call, and SIGINT delivered from another process during L-BFGS-B. After each,
+scipy has never been handed a NaN, the model holds the best point scipy evaluated, result.message
+gives the reason and the counts are the calls scipy made (``conftest.assert_recovered``)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import ScipySpy, assert_recovered, regression
+
+from keras_opt_ref import FullBatchObjective, scipy_optimizer
+from keras_opt_ref.methods import LEAST_SQUARES_METHODS, METHODS
+
+
+def _faulty_model(keras, after: int, fault: str):
+    """tanh MLP with a layer that counts its calls in a variable: past ``after`` calls its output
+    turns NaN (``fault="nan"``) or an assertion inside the compiled graph fails (``"error"``)."""
+
+    class Fault(keras.layers.Layer):
+        def build(self, shape):
+            self.calls = self.add_weight(shape=(), initializer="zeros", trainable=False, name="calls")
+
+        def call(self, x):
+            self.calls.assign_add(1.0)
+            if fault == "nan":
+                return x + tf.where(self.calls > after, tf.constant(np.nan, x.dtype), tf.zeros((), x.dtype))
+            check = tf.debugging.assert_less_equal(self.calls, float(after), message="injected failure")
+            with tf.control_dependencies([check]):
+                return tf.identity(x)
+
+    fault_layer = Fault()
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4, activation="tanh"), fault_layer,
+                              keras.layers.Dense(1)])
+    model.compile(loss="mse")
+    return model, fault_layer
+
+
+ALL_METHODS = [m.name for m in METHODS] + [m.name for m in LEAST_SQUARES_METHODS]
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_loss_turns_nan_after_k_calls(keras, monkeypatch, method):
+    X, y = regression(n=40)
+    model, fault = _faulty_model(keras, after=12, fault="nan")
+    spy = ScipySpy(monkeypatch)
+    train = scipy_optimizer.make_train_function(model, method=method, maxiter=200)
+    model.train_function = train
+    with pytest.warns(RuntimeWarning, match="Stopped: the .* is not finite"):
+        history = model.fit(X, y, verbose=0)
+    fault.calls.assign(-1e9)  # healthy again: evaluate may now judge the point kept
+    assert "NaN" in train.result.message or "nan" in train.result.message, train.result.message
+    assert np.isfinite(history.history["loss"][-1])
+    assert_recovered(train, model, X, y, spy)
+
+
+def test_exception_inside_the_compiled_call(keras, monkeypatch):
+    X, y = regression(n=40)
+    model, fault = _faulty_model(keras, after=10, fault="error")
+    spy = ScipySpy(monkeypatch)
+    train = scipy_optimizer.make_train_function(model, method="L-BFGS-B", maxiter=200, jit_compile=False)
+    model.train_function = train
+    with pytest.raises(tf.errors.InvalidArgumentError, match="injected failure"):
+        model.fit(X, y, verbose=0)
+    fault.calls.assign(-1e9)
+    assert train.result.message.startswith("Stopped by InvalidArgumentError"), train.result.message
+    assert "injected failure" in train.result.message
+    assert_recovered(train, model, X, y, spy)
+
+
+_KILLER = "import os, signal, sys; sys.stdin.readline(); os.kill(int(sys.argv[1]), signal.SIGINT)"
+
+
+def test_sigint_from_another_process(keras, monkeypatch):
+    """The signal is asked for after 5 evaluations and lands wherever the run is (TensorFlow, scipy,
+    this package); from the 9th evaluation on, each one waits for it, so the run cannot end first."""
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    X, y = regression(n=400, d=3)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(16, activation="tanh"), keras.layers.Dense(1)])
+    model.compile(loss="mse")
+    spy = ScipySpy(monkeypatch)
+    train = scipy_optimizer.make_train_function(model, method="L-BFGS-B", maxiter=10**5, ftol=0.0, gtol=0.0)
+    model.train_function = train
+    killer = subprocess.Popen([sys.executable, "-c", _KILLER, str(os.getpid())], stdin=subprocess.PIPE)
+    real, count = FullBatchObjective.value_and_grad, {"n": 0}
+
+    def value_and_grad(objective, x):
+        count["n"] += 1
+        if count["n"] == 5:
+            killer.stdin.write(b"now\n")
+            killer.stdin.flush()
+        deadline = time.monotonic() + 60
+        while count["n"] > 8 and time.monotonic() < deadline:
+            time.sleep(0.01)  # the signal interrupts this wait at the latest
+        return real(objective, x)
+
+    monkeypatch.setattr(FullBatchObjective, "value_and_grad", value_and_grad)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            model.fit(X, y, verbose=0)
+    finally:
+        killer.stdin.close()
+        killer.wait(timeout=60)
+    assert killer.returncode == 0
+    assert train.result.message.startswith("Stopped by KeyboardInterrupt"), train.result.message
+    assert train.result.nit > 0
+    assert_recovered(train, model, X, y, spy)
