@@ -65,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     conf.add_argument("--out", default="reports", help="folder for conformance.md and conformance.json")
     conf.add_argument("--fail-fast", action="store_true", help="stop each mutant's run at its first failing check")
     conf.add_argument("--independent", action="store_true",
-                      help="also run the independent implementations (other styles, each with its own bug, one correct)")
+                      help="also run the independent implementations (other styles, one correct)")
     conf.add_argument("--check-timeout", type=float, default=None, help="seconds per check (default 300; 0: off)")
     conf.add_argument("--timeout", type=float, default=1800.0, help="seconds per implementation's whole run")
     bench_parser = sub.add_parser("bench", help="measure the ratios (floor, HVP, alternatives, Adam) and plot")

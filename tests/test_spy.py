@@ -144,7 +144,7 @@ def test_nothing_observed_and_raising_callables_are_reported_not_crashed():
     with Observer("tests") as observe:
         pass
     with pytest.raises(NotObserved, match="no scipy.optimize call was observed"):
-        observe.last
+        _ = observe.last
 
     def fragile(x):
         if np.array_equal(x, X1):
