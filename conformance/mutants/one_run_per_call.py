@@ -9,7 +9,7 @@ from ._base import factory
 
 class EveryCall(ScipyTrainFunction):
     def __call__(self, iterator):
-        batches = _take(iterator, _keras.steps_per_execution(self.model))
+        batches = _take(iterator, _keras.steps_per_execution(self.model), self.max_data_bytes)
         data = _concatenate([_keras.unpack_x_y_sample_weight(self.model, b) for b in batches])
         return self.run(*data)
 
