@@ -204,3 +204,27 @@ def assert_recovered(train, model, x, y, spy: ScipySpy, sample_weight=None) -> N
         assert result.njev == spy.calls["fun"], (result.njev, spy.calls)
     if train.method.name != "lm":
         assert result.nit == spy.calls["callback"], (result.nit, spy.calls)
+
+
+def faulty_model(keras, after: int, fault: str):
+    """tanh MLP with a layer that counts its calls in a variable: past ``after`` calls its output
+    turns NaN (``fault="nan"``) or an assertion inside the compiled graph fails (``"error"``).
+    Returns the compiled model and the fault layer."""
+
+    class Fault(keras.layers.Layer):
+        def build(self, shape):
+            self.calls = self.add_weight(shape=(), initializer="zeros", trainable=False, name="calls")
+
+        def call(self, x):
+            self.calls.assign_add(1.0)
+            if fault == "nan":
+                return x + tf.where(self.calls > after, tf.constant(np.nan, x.dtype), tf.zeros((), x.dtype))
+            check = tf.debugging.assert_less_equal(self.calls, float(after), message="injected failure")
+            with tf.control_dependencies([check]):
+                return tf.identity(x)
+
+    fault_layer = Fault()
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4, activation="tanh"), fault_layer,
+                              keras.layers.Dense(1)])
+    model.compile(loss="mse")
+    return model, fault_layer

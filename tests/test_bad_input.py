@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import scipy.sparse
 import tensorflow as tf
-from conftest import KERAS, ScipySpy, assert_recovered, full_batch_loss, regression, small_mlp
+from conftest import KERAS, ScipySpy, assert_recovered, faulty_model, full_batch_loss, regression, small_mlp
 
 import keras_opt_ref
 from keras_opt_ref import FlatVariables, FullBatchObjective, HessianTooLargeError, scipy_optimizer
@@ -467,25 +467,9 @@ def _meets_inf(method):
 
 
 def _counter_model(ctx, after, fault):
-    """A Dense model whose loss turns NaN (``fault="nan"``) or whose compiled call fails
-    (``"error"``) once it has been called ``after`` times (an in-graph counter)."""
-    k = ctx.keras
-
-    class Fault(k.layers.Layer):
-        def build(self, shape):
-            self.calls = self.add_weight(shape=(), initializer="zeros", trainable=False, name="calls")
-
-        def call(self, x):
-            self.calls.assign_add(1.0)
-            if fault == "nan":
-                return x + tf.where(self.calls > after, tf.constant(np.nan, x.dtype), tf.zeros((), x.dtype))
-            check = tf.debugging.assert_less_equal(self.calls, float(after), message="injected failure")
-            with tf.control_dependencies([check]):
-                return tf.identity(x)
-
-    model = k.Sequential([k.Input((3,)), k.layers.Dense(4, activation="tanh"), Fault(), k.layers.Dense(1)])
-    model.compile(loss="mse")
-    return model
+    """A model whose loss turns NaN (``fault="nan"``) or whose compiled call fails (``"error"``) once it
+    has been called ``after`` times (an in-graph counter)."""
+    return faulty_model(ctx.keras, after, fault)[0]
 
 
 def _healed(model):

@@ -14,34 +14,10 @@ import time
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import ScipySpy, assert_recovered, regression
+from conftest import ScipySpy, assert_recovered, faulty_model, regression
 
 from keras_opt_ref import FullBatchObjective, scipy_optimizer
 from keras_opt_ref.methods import LEAST_SQUARES_METHODS, METHODS
-
-
-def _faulty_model(keras, after: int, fault: str):
-    """tanh MLP with a layer that counts its calls in a variable: past ``after`` calls its output
-    turns NaN (``fault="nan"``) or an assertion inside the compiled graph fails (``"error"``)."""
-
-    class Fault(keras.layers.Layer):
-        def build(self, shape):
-            self.calls = self.add_weight(shape=(), initializer="zeros", trainable=False, name="calls")
-
-        def call(self, x):
-            self.calls.assign_add(1.0)
-            if fault == "nan":
-                return x + tf.where(self.calls > after, tf.constant(np.nan, x.dtype), tf.zeros((), x.dtype))
-            check = tf.debugging.assert_less_equal(self.calls, float(after), message="injected failure")
-            with tf.control_dependencies([check]):
-                return tf.identity(x)
-
-    fault_layer = Fault()
-    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4, activation="tanh"), fault_layer,
-                              keras.layers.Dense(1)])
-    model.compile(loss="mse")
-    return model, fault_layer
-
 
 ALL_METHODS = [m.name for m in METHODS] + [m.name for m in LEAST_SQUARES_METHODS]
 
@@ -49,7 +25,7 @@ ALL_METHODS = [m.name for m in METHODS] + [m.name for m in LEAST_SQUARES_METHODS
 @pytest.mark.parametrize("method", ALL_METHODS)
 def test_loss_turns_nan_after_k_calls(keras, monkeypatch, method):
     X, y = regression(n=40)
-    model, fault = _faulty_model(keras, after=12, fault="nan")
+    model, fault = faulty_model(keras, after=12, fault="nan")
     spy = ScipySpy(monkeypatch)
     train = scipy_optimizer.make_train_function(model, method=method, maxiter=200)
     model.train_function = train
@@ -63,7 +39,7 @@ def test_loss_turns_nan_after_k_calls(keras, monkeypatch, method):
 
 def test_exception_inside_the_compiled_call(keras, monkeypatch):
     X, y = regression(n=40)
-    model, fault = _faulty_model(keras, after=10, fault="error")
+    model, fault = faulty_model(keras, after=10, fault="error")
     spy = ScipySpy(monkeypatch)
     train = scipy_optimizer.make_train_function(model, method="L-BFGS-B", maxiter=200, jit_compile=False)
     model.train_function = train
