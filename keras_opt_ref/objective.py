@@ -136,7 +136,7 @@ class FullBatchObjective:
         checks.check_trainable(model)
         self.flat = FlatVariables.from_variables(model.trainable_variables)
         self._tf_vars = [_keras.tf_variable(v) for v in self.flat.variables]
-        self.traces: dict[str, int] = {"value": 0, "value_and_grad": 0, "hvp": 0, "hessian": 0}
+        self.traces: dict[str, int] = {"value": 0, "value_and_grad": 0, "hvp": 0, "hessian": 0, "steihaug": 0}
         self._build_functions()
         self.reset_counters()
 
@@ -146,6 +146,7 @@ class FullBatchObjective:
             "value_and_grad": tf.function(self._graph_value_and_grad, jit_compile=self.jit_compile),
             "hvp": tf.function(self._graph_hvp, jit_compile=self.jit_compile),
             "hessian": tf.function(self._graph_hessian),  # a long sequential loop: XLA buys nothing
+            "steihaug": tf.function(self._graph_steihaug, jit_compile=self.jit_compile),
         }
         self._concrete: dict[str, Any] = {}
 
@@ -155,7 +156,12 @@ class FullBatchObjective:
         fn = self._concrete.get(name)
         if fn is None:
             spec = tf.TensorSpec([self.flat.size], self.flat.common_dtype)
-            fn = self._functions[name].get_concrete_function(*[spec] * (2 if name == "hvp" else 1))
+            if name == "steihaug":  # x, then scipy's f, g and trust radius in float64
+                scalar = tf.TensorSpec([], tf.float64)
+                specs = (spec, scalar, tf.TensorSpec([self.flat.size], tf.float64), scalar)
+            else:
+                specs = [spec] * (2 if name == "hvp" else 1)
+            fn = self._functions[name].get_concrete_function(*specs)
             self._concrete[name] = fn
         return fn
 
@@ -284,6 +290,24 @@ class FullBatchObjective:
         x = self.flat.as_vector(x)
         self.nhess += 1
         return self._run("hessian", self._tensor(x)).numpy()
+
+    def steihaug(self, x: np.ndarray, f: float, g: np.ndarray, trust_radius: float) -> tuple:
+        """scipy's trust-ncg subproblem solved in one compiled call: ``(p, hits_boundary, Hp, count)``.
+
+        The same steps and stopping rules as ``scipy.optimize``'s ``CGSteihaugSubproblem.solve``
+        (Nocedal & Wright, algorithm 7.2) from scipy's own ``f`` and ``g`` at ``x``, in float64,
+        then ``Hp = H(x) p`` for scipy's model value ``m(p)``: ``count`` HVPs in all, as many as
+        scipy would ask for. ``count`` is negative if an HVP was not finite (the run must stop).
+        With the data in one chunk, the HVPs reuse one linearization of the gradient at ``x``.
+        """
+        x = self.flat.as_vector(x)
+        g = np.asarray(g, dtype=np.float64)
+        args = (self._tensor(x), tf.constant(float(f), tf.float64), tf.constant(g), tf.constant(float(trust_radius),
+                                                                                               tf.float64))
+        p, hits, hp, count = self._run("steihaug", *args)
+        count = int(count)
+        self.nhvp += abs(count)
+        return p.numpy(), bool(hits), hp.numpy(), count
 
     def check_hessian_size(self) -> None:
         check_hessian_size(self.size, self.max_hessian_params)
@@ -462,6 +486,80 @@ class FullBatchObjective:
         self.traces["hvp"] += 1
         self._assign(x)
         return self._hvp_at_current_weights(p)[0]
+
+    def _hvp_operator(self) -> Callable[[tf.Tensor], tf.Tensor]:
+        """Inside a graph, at the current weights: ``p -> H p`` in float64. With one chunk, the
+        forward and backward passes are recorded once and each product is one more backward
+        pass over them (a linearization, 0.65x a fresh HVP); with several chunks, each product
+        runs over the chunks again (memory bounded by a chunk)."""
+        head, tail = self._chunks
+        if head is not None:
+            return lambda p: self._hvp_at_current_weights(tf.cast(p, self.flat.common_dtype))[0]
+        with tf.GradientTape(watch_accessed_variables=False, persistent=True) as tape:
+            tape.watch(self._tf_vars)
+            _, grads = self._chunk_grads(_map_data(tf.convert_to_tensor, tail), self._shares()[1])
+            grads = [tf.convert_to_tensor(g) for g in grads]  # embeddings: densified on the tape
+
+        def hvp(p):
+            directions = self.flat.split(tf.cast(p, self.flat.common_dtype))
+            hp = tape.gradient(grads, self._tf_vars, output_gradients=directions,
+                               unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            return tf.cast(self.flat.concat(hp), tf.float64)
+
+        return hvp
+
+    def _graph_steihaug(self, x, f, g, radius):
+        # scipy's CGSteihaugSubproblem.solve, step for step; status 0: go on, 1: non-positive
+        # curvature, 2: the step leaves the region, 3: converged inside, 4: nothing to do, 5: NaN.
+        self.traces["steihaug"] += 1
+        self._assign(x)
+        hvp = self._hvp_operator()
+        dot = lambda a, b: tf.reduce_sum(a * b)  # noqa: E731
+
+        def crossings(z, d):  # t with ||z + t d|| = radius, low and high (scipy's formula)
+            a, b, c = dot(d, d), 2.0 * dot(z, d), dot(z, z) - radius**2
+            root = tf.sqrt(b * b - 4.0 * a * c)
+            aux = b + tf.where(b < 0, -root, root)
+            ta, tb = -aux / (2.0 * a), -2.0 * c / aux
+            return tf.minimum(ta, tb), tf.maximum(ta, tb)
+
+        g_norm = tf.norm(g)
+        tolerance = tf.minimum(tf.constant(0.5, tf.float64), tf.sqrt(g_norm)) * g_norm
+        zero = tf.zeros_like(g)
+
+        def body(z, r, d, count, status, p):
+            bd = hvp(d)
+            dbd = dot(d, bd)
+            r_sq = dot(r, r)
+            alpha = r_sq / dbd
+            z_next = z + alpha * d
+            r_next = r + alpha * bd
+            r_next_sq = dot(r_next, r_next)
+            status = tf.where(~tf.math.is_finite(dbd), 5, tf.where(dbd <= 0, 1, tf.where(
+                tf.norm(z_next) >= radius, 2, tf.where(tf.sqrt(r_next_sq) < tolerance, 3, 0))))
+            go_on = tf.equal(status, 0)
+            p = tf.where(tf.equal(status, 2), z + crossings(z, d)[1] * d, z_next)
+            d_next = -r_next + (r_next_sq / r_sq) * d
+            return (tf.where(go_on, z_next, z), tf.where(go_on, r_next, r), tf.where(go_on, d_next, d), count + 1,
+                    status, p)
+
+        start = tf.where(g_norm < tolerance, 4, 0)
+        z, _, d, count, status, p = tf.while_loop(
+            lambda *state: tf.equal(state[4], 0), body, (zero, g, -g, tf.constant(0), start, zero))
+
+        def boundary_by_model():  # the crossing with the lower model value (two more HVPs, as scipy)
+            ta, tb = crossings(z, d)
+            pa, pb = z + ta * d, z + tb * d
+            ma, mb = (f + dot(g, q) + 0.5 * dot(q, hvp(q)) for q in (pa, pb))
+            return tf.where(ma < mb, pa, pb)
+
+        curved = tf.equal(status, 1)
+        p = tf.cond(curved, boundary_by_model, lambda: tf.where(tf.equal(status, 4), zero, p))
+        count += tf.where(curved, 2, 0)
+        hp = hvp(p)  # scipy's m(p) for the predicted reduction
+        count += 1
+        bad = tf.equal(status, 5) | ~tf.reduce_all(tf.math.is_finite(hp))
+        return p, (status == 1) | (status == 2), hp, tf.where(bad, -count, count)
 
     def _graph_hessian(self, x):
         # One HVP per unit vector in a sequential loop: memory stays at one HVP plus H.

@@ -41,6 +41,7 @@ from .objective import (
     FullBatchObjective,
     check_hessian_size,
 )
+from .trust_ncg import SUBPROBLEMS, in_graph_trust_ncg
 
 __all__ = ["HESSIANS", "LEAST_SQUARES_METHODS", "METHODS", "ScipyTrainFunction", "make_train_function"]
 
@@ -90,6 +91,7 @@ class ScipyTrainFunction:
         jacobian: str | None = None,
         max_jacobian_bytes: int = DEFAULT_MAX_JACOBIAN_BYTES,
         max_data_bytes: int = DEFAULT_MAX_DATA_BYTES,
+        subproblem: str = "scipy",
         **options: Any,
     ) -> None:
         # Every argument is checked here, before fit drains any data (methods.check_settings,
@@ -103,6 +105,7 @@ class ScipyTrainFunction:
         self.model = model
         self.method = methods.resolve_method(method)
         self.hessian = _check_hessian_choice(self.method, hessian)
+        self.subproblem = _check_subproblem_choice(self.method, self.hessian, subproblem)
         self.jacobian = _check_jacobian_choice(self.method, jacobian, options)
         self.options = methods.solver_options(self.method, maxiter, options)
         if bounds is not None and not self.method.bounds:
@@ -204,6 +207,8 @@ class ScipyTrainFunction:
             kwargs["hess"] = _counted(objective.hessian, calls, "hev", "Hessian")
         if bounds is not None:
             kwargs["bounds"] = bounds
+        if self.subproblem == "in-graph":
+            kwargs["method"] = in_graph_trust_ncg(objective, calls, _NonFinite)
         if self.method.least_squares:
             kwargs = self._least_squares_kwargs(objective, bounds, calls, progress)
         elif self.hessian == "gauss-newton":
@@ -397,7 +402,10 @@ def make_train_function(
         ``max_nfev`` (``maxiter`` is an alias), ``tr_solver``, ``tr_options``;
         ``jacobian="dense"`` or ``"operator"`` (matrix-free with ``tr_solver="lsmr"``; the
         default picks it when the dense Jacobian would pass ``max_jacobian_bytes``). Options
-        the method does not use are dropped with a warning.
+        the method does not use are dropped with a warning. ``subproblem="in-graph"`` (trust-ncg
+        only): scipy's CG-Steihaug subproblem solved inside one compiled call per outer
+        iteration, with the same steps and counts (``keras_opt_ref.trust_ncg``); the default
+        ``"scipy"`` leaves every product to scipy.
 
     Returns
     -------
@@ -481,6 +489,19 @@ def _check_hessian_choice(method: methods.Method, hessian: str) -> str:
             f"use one of {users}, or method='lm'/'trf'/'dogbox' (least squares)."
         )
     return hessian
+
+
+def _check_subproblem_choice(method: methods.Method, hessian: str, subproblem: Any) -> str:
+    if subproblem not in SUBPROBLEMS:
+        raise ValueError(f"Unknown subproblem {subproblem!r}; choose one of {SUBPROBLEMS}")
+    if subproblem == "in-graph" and (method.name != "trust-ncg" or hessian != "exact"):
+        raise ValueError(
+            f"subproblem='in-graph' solves trust-ncg's CG-Steihaug subproblem with the exact Hessian inside the "
+            f"compiled graph; it does not apply to method={method.name!r}"
+            + ("" if method.name != "trust-ncg" else f" with hessian={hessian!r}")
+            + ". Use method='trust-ncg' (hessian='exact'), or subproblem='scipy'."
+        )
+    return subproblem
 
 
 def _check_jacobian_choice(method: methods.Method, jacobian: str | None, options: dict[str, Any]) -> str | None:

@@ -95,7 +95,7 @@ def test_evaluations_do_not_retrace(keras):
         obj.value_and_grad(x)
         obj.value(x + 1)
         obj.hessp(x, rng.normal(size=obj.size))
-    assert obj.traces == {"value": 1, "value_and_grad": 1, "hvp": 1, "hessian": 0}, obj.traces
+    assert obj.traces == {"value": 1, "value_and_grad": 1, "hvp": 1, "hessian": 0, "steihaug": 0}, obj.traces
     obj.set_data(X * 2, y)  # a new epoch's data of the same shapes reuses the graphs
     obj.value_and_grad(rng.normal(size=obj.size))
     assert obj.traces["value_and_grad"] == 1
