@@ -13,7 +13,7 @@ import math
 import numpy as np
 import pytest
 
-from keras_opt_ref import FullBatchObjective, baselines, bench, workloads
+from keras_opt_ref import FullBatchObjective, baselines, bench, same_math, workloads
 
 from ._common import ADAM_SECONDS, RUN_MAXITER, SIZES, WORKLOADS
 
@@ -68,6 +68,38 @@ def test_hvp(benchmark, objectives, name, size):
     p = np.random.default_rng(1).normal(size=x0.size)
     hp = benchmark(lambda: objective.hessp(x0, p))
     assert np.all(np.isfinite(hp))
+
+
+@pytest.fixture(scope="module")
+def same_math_costs():
+    """:func:`bench.same_math_costs` once per workload (it times every backend together)."""
+    cache = {}
+
+    def get(w, rounds):
+        if w.label not in cache:
+            cache[w.label] = bench.same_math_costs(w, rounds=rounds, repeat=rounds)
+        return cache[w.label]
+
+    return get
+
+
+@pytest.mark.parametrize("backend", same_math.BACKENDS)
+@pytest.mark.parametrize("name", WORKLOADS)
+def test_same_math(benchmark, objectives, same_math_costs, name, backend):
+    """The same math by hand on a flat vector: its loss+gradient timed; the reference's ratios to it."""
+    if same_math.backend_skip_reason(backend):
+        pytest.skip(same_math.backend_skip_reason(backend))
+    w, objective = objectives(name, "medium")
+    benchmark.group = f"same math {w.label}"
+    costs = same_math_costs(w, _rounds(benchmark, 9))
+    benchmark.extra_info.update(_stats({k: v for k, v in costs.items() if backend in k or "best" in k
+                                        or k.startswith("reference") or k == "hvp / loss+grad"}))
+    fn = same_math.same_math(w, backend)
+    x0 = objective.flat.read()
+    assert fn.value(x0) == pytest.approx(objective.value(x0), rel=1e-5), "not the reference's loss"
+    point = bench.cycling_points(x0, 7)
+    f, g = benchmark(lambda: fn.value_and_grad(point()))
+    assert math.isfinite(f) and g.shape == (objective.size,)
 
 
 def test_dense_hessian_small_mlp(benchmark, objectives):

@@ -6,7 +6,10 @@ a ratio compares calls made under the same machine load; we report the median ra
 the rounds with its min-max (:class:`Stat`).
 
 The floor is one bare compiled TensorFlow value-and-gradient call on the same data with the
-variables already set, float64 NumPy out, XLA as the objective uses it.
+variables already set, float64 NumPy out, XLA as the objective uses it. A lower floor is the
+same math written by hand as one jitted function of one flat vector (:mod:`.same_math`, on
+TensorFlow and, where installed, JAX), which :func:`same_math_costs` times against the
+reference's loss+gradient and HVP at the same float64 NumPy boundary.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from . import _keras, baselines, workloads
+from . import _keras, baselines, same_math, workloads
 from .objective import FullBatchObjective
 from .scipy_optimizer import make_train_function
 
@@ -41,6 +44,7 @@ __all__ = [
     "per_batch_loop_costs",
     "round_robin",
     "run_method",
+    "same_math_costs",
     "skip_reason",
     "scaling_probe",
     "time_to_target",
@@ -158,6 +162,45 @@ def evaluation_costs(
     out["hvp / loss+grad"] = Stat.of(t["hvp"] / t["loss+grad"])
     if dense_hessian:
         out["hessian / loss+grad"] = Stat.of(t["hessian"] / t["loss+grad"])
+    if objective.traces["value_and_grad"] != 1 or objective.traces["hvp"] != 1:
+        raise RuntimeError(f"the objective retraced while being timed: {objective.traces}")
+    return out
+
+
+def same_math_costs(
+    workload: workloads.Workload, *, rounds: int = 15, repeat: int = 5, backends: Sequence[str] = same_math.BACKENDS
+) -> dict[str, Stat]:
+    """The reference's loss+gradient and HVP against the same math hand-written on a flat vector.
+
+    Times, round by round, the reference's ``value_and_grad`` and ``hessp`` and each installed
+    backend's :func:`.same_math.same_math` (missing ones are left out), all at distinct points
+    near the start. Returns seconds per call (``"<who> loss+grad s"``, ``"<who> hvp s"``) and, for
+    ``b`` each backend and ``"best"`` (per round, the faster backend): ``"loss+grad / b same-math"``,
+    ``"hvp / b same-math hvp"``, ``"b same-math hvp / loss+grad"``; and the reference's ``"hvp / loss+grad"``.
+    """
+    objective = FullBatchObjective(workload.model, workload.x, workload.y)
+    x0 = objective.flat.read()
+    p = np.random.default_rng(1).normal(size=x0.size)
+    point = cycling_points(x0, 7)
+    fns: dict[str, Callable[[], Any]] = {
+        "reference loss+grad": lambda: objective.value_and_grad(point()),
+        "reference hvp": lambda: objective.hessp(point(), p),
+    }
+    available = [b for b in backends if not same_math.backend_skip_reason(b)]
+    for b in available:
+        fn = same_math.same_math(workload, b)
+        fns[f"{b} loss+grad"] = lambda fn=fn: fn.value_and_grad(point())
+        fns[f"{b} hvp"] = lambda fn=fn: fn.hessp(point(), p)
+    t = round_robin(fns, rounds=rounds, repeat=repeat)
+    if available:
+        t["best loss+grad"] = np.min([t[f"{b} loss+grad"] for b in available], axis=0)
+        t["best hvp"] = np.min([t[f"{b} hvp"] for b in available], axis=0)
+    out = {f"{name} s": Stat.of(v) for name, v in t.items()}
+    out["hvp / loss+grad"] = Stat.of(t["reference hvp"] / t["reference loss+grad"])
+    for b in [*available, "best"] if available else []:
+        out[f"loss+grad / {b} same-math"] = Stat.of(t["reference loss+grad"] / t[f"{b} loss+grad"])
+        out[f"hvp / {b} same-math hvp"] = Stat.of(t["reference hvp"] / t[f"{b} hvp"])
+        out[f"{b} same-math hvp / loss+grad"] = Stat.of(t[f"{b} hvp"] / t[f"{b} loss+grad"])
     if objective.traces["value_and_grad"] != 1 or objective.traces["hvp"] != 1:
         raise RuntimeError(f"the objective retraced while being timed: {objective.traces}")
     return out
@@ -396,6 +439,26 @@ def summary(*, quick: bool = False, out: str = "reports", adam_seconds: float | 
     say(f"dense Hessian, mlp-small: {costs['hessian s']} s per Hessian = {costs['hessian / loss+grad']} loss+grad")
     report["evaluation"] = evaluation
 
+    report["same_math"] = same = {}
+    missing = {b: same_math.backend_skip_reason(b) for b in same_math.BACKENDS if same_math.backend_skip_reason(b)}
+    say("\n## Against the same math hand-written on a flat vector (keras_opt_ref.same_math: one jitted function of "
+        "one vector, float64 NumPy in and out; 'best': per round the faster of "
+        f"{', '.join(b for b in same_math.BACKENDS if b not in missing)})")
+    for b, reason in missing.items():
+        say(f"{b}: left out, {reason}")
+    say(f"{'workload':<22} {'loss+grad / best':>18} {'HVP / best HVP':>18} {'HVP / loss+grad':>18}   "
+        "same-math ms per loss+grad, HVP; its HVP / loss+grad")
+    for name in ("linear", "mlp", "factorization"):
+        w = workloads.make_workload(name, "medium")
+        costs = same_math_costs(w, rounds=rounds)
+        same[w.label] = costs
+        backends = "; ".join(
+            f"{b} {costs[f'{b} loss+grad s'].median * 1e3:.3g}, {costs[f'{b} hvp s'].median * 1e3:.3g} "
+            f"({costs[f'{b} same-math hvp / loss+grad'].median:.3g})"
+            for b in same_math.BACKENDS if b not in missing)
+        say(f"{w.label:<22} {str(costs['loss+grad / best same-math']):>18} "
+            f"{str(costs['hvp / best same-math hvp']):>18} {str(costs['hvp / loss+grad']):>18}   {backends}")
+
     say("\n## Against what users would use instead (seconds per loss+gradient evaluation)")
     loop = per_batch_loop_costs(workloads.make_workload("factorization", "medium"), rounds=3 if quick else 5)
     say(f"factorization-medium: per-batch Python loop at batch 32 {loop['per-batch loop (batch 32) s']} s, "
@@ -476,6 +539,13 @@ def summary(*, quick: bool = False, out: str = "reports", adam_seconds: float | 
     targets = [  # (what, measured, target, higher is better)
         ("loss+grad / floor, mlp-medium", mlp["loss+grad / floor"].median, 1.15, False),
         ("loss+grad / floor, factorization-medium", fact["loss+grad / floor"].median, 1.15, False),
+        ("loss+grad / best same-math, mlp-medium", same["mlp-medium"]["loss+grad / best same-math"].median, 1.15,
+         False),
+        ("loss+grad / best same-math, factorization-medium",
+         same["factorization-medium"]["loss+grad / best same-math"].median, 1.15, False),
+        ("HVP / best same-math HVP, mlp-medium", same["mlp-medium"]["hvp / best same-math hvp"].median, 1.15, False),
+        ("HVP / best same-math HVP, factorization-medium",
+         same["factorization-medium"]["hvp / best same-math hvp"].median, 1.15, False),
         ("HVP / loss+grad, mlp-medium", mlp["hvp / loss+grad"].median, 2.0, False),
         ("HVP / loss+grad, factorization-medium", fact["hvp / loss+grad"].median, 2.0, False),
         ("per-batch loop (batch 32) / reference, factorization-medium", loop["loop / reference"].median, 30, True),
