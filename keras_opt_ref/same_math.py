@@ -153,6 +153,9 @@ TF_OPS = Ops(tanh=tf.tanh, take_rows=tf.gather, sum_rows=lambda t: tf.reduce_sum
 
 
 class TensorFlowSameMath(SameMath):
+    """:attr:`loss` is the loss as a graph-side function of a flat tensor of :attr:`dtype`, for
+    solvers that run in the graph (:mod:`.alternatives`)."""
+
     backend = "tensorflow"
 
     def __init__(self, loss, flat: FlatVariables, order, data, dtype, hvp_mode: str = "forward-over-reverse") -> None:
@@ -166,6 +169,8 @@ class TensorFlowSameMath(SameMath):
 
         def f(v):
             return loss(TF_OPS, split(v), data)
+
+        self.loss = f
 
         def grad(v):
             with tf.GradientTape() as tape:
@@ -204,6 +209,9 @@ class TensorFlowSameMath(SameMath):
 
 
 class JaxSameMath(SameMath):
+    """:attr:`loss` ``(v, data)`` is the loss as a JAX function of a flat array of :attr:`dtype`
+    and of :attr:`data`, for solvers written in JAX (:mod:`.alternatives`)."""
+
     backend = "jax"
     hvp_mode = "forward-over-reverse"
 
@@ -222,6 +230,8 @@ class JaxSameMath(SameMath):
         def f(v, data):
             return loss(ops, split(v), data)
 
+        self.loss = f
+
         def value_and_grad(v, data):
             value, g = jax.value_and_grad(f)(v, data)
             return jnp.concatenate([jnp.reshape(value, [1]), g])
@@ -231,7 +241,7 @@ class JaxSameMath(SameMath):
 
         with jax.enable_x64(self._x64):
             # The data are arguments, not constants baked into the compiled program.
-            self._data = [jax.device_put(d.astype(self.dtype) if d.dtype.kind == "f" else d) for d in data]
+            self.data = [jax.device_put(d.astype(self.dtype) if d.dtype.kind == "f" else d) for d in data]
             self._vg_fn, self._hvp_fn = jax.jit(value_and_grad), jax.jit(hvp)
 
     def _in(self, v: np.ndarray) -> np.ndarray:
@@ -239,11 +249,11 @@ class JaxSameMath(SameMath):
 
     def _value_and_grad(self, x):
         with self._jax.enable_x64(self._x64):
-            return np.asarray(self._vg_fn(self._in(x), self._data), dtype=np.float64)
+            return np.asarray(self._vg_fn(self._in(x), self.data), dtype=np.float64)
 
     def _hvp(self, x, p):
         with self._jax.enable_x64(self._x64):
-            return np.asarray(self._hvp_fn(self._in(x), self._in(p), self._data), dtype=np.float64)
+            return np.asarray(self._hvp_fn(self._in(x), self._in(p), self.data), dtype=np.float64)
 
 
 def same_math(workload: Workload, backend: str = "tensorflow", **options: Any) -> SameMath:
