@@ -13,7 +13,7 @@ import math
 import numpy as np
 import pytest
 
-from keras_opt_ref import FullBatchObjective, baselines, bench, same_math, workloads
+from keras_opt_ref import FullBatchObjective, alternatives, baselines, bench, same_math, workloads
 
 from ._common import ADAM_SECONDS, RUN_MAXITER, SIZES, WORKLOADS
 
@@ -169,6 +169,41 @@ def test_time_to_target(benchmark):
     best = min((v for k, v in out.items() if k in bench.RUN_METHODS and math.isfinite(v)), default=math.nan)
     out["best_over_adam"] = best / out["adam_seconds"]
     benchmark.extra_info.update(out)
+
+
+@pytest.fixture(scope="module")
+def alternatives_comparison():
+    """:func:`bench.alternatives_time_to_target` once per workload (the target is common to all contenders)."""
+    cache = {}
+
+    def get(name, rounds):
+        if name not in cache:
+            cache[name] = bench.alternatives_time_to_target(name, "medium", maxiter=RUN_MAXITER, rounds=rounds)
+        return cache[name]
+
+    return get
+
+
+@pytest.mark.parametrize("contender", alternatives.CONTENDERS)
+@pytest.mark.parametrize("name", ["mlp", "factorization"])
+def test_alternative_time_to_target(benchmark, alternatives_comparison, name, contender):
+    """Another library's L-BFGS against the reference: seconds to the common target, and their ratio."""
+    if alternatives.skip_reason(contender):
+        pytest.skip(alternatives.skip_reason(contender))
+    benchmark.group = f"time to target, L-BFGS libraries, {name}-medium"
+    comparison = alternatives_comparison(name, _rounds(benchmark, 3))
+    row, ref = comparison["rows"][contender], comparison["rows"]["reference"]
+    benchmark.extra_info.update(target=comparison["target"], maxiter=comparison["maxiter"],
+                                **{k: _jsonable(v) for k, v in row.items()},
+                                reference={k: _jsonable(v) for k, v in ref.items()})
+    runner = alternatives.make_contender(contender, workloads.make_workload(name, "medium"), RUN_MAXITER)
+    runner.run()  # tracing and compilation: not timed
+    run = benchmark.pedantic(runner.run, args=(comparison["target"],), rounds=_rounds(benchmark, 3), iterations=1)
+    assert run.loss <= comparison["target"], f"{contender} did not reach the target {comparison['target']}: {run}"
+
+
+def _jsonable(value):
+    return {"median": value.median, "min": value.lo, "max": value.hi} if isinstance(value, bench.Stat) else value
 
 
 @pytest.mark.parametrize("factor", [1, 4, 16])

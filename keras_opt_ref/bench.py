@@ -27,7 +27,8 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from . import _keras, baselines, same_math, workloads
+from . import _keras, alternatives, baselines, same_math, workloads
+from .flat import FlatVariables
 from .objective import FullBatchObjective
 from .scipy_optimizer import make_train_function
 
@@ -36,6 +37,7 @@ __all__ = [
     "Run",
     "Stat",
     "adam_reference",
+    "alternatives_time_to_target",
     "cycling_points",
     "evaluation_costs",
     "floor_function",
@@ -318,6 +320,82 @@ def time_to_target(trace: np.ndarray, target: float) -> float:
     return float(trace[hit[0], 0]) if hit.size else math.nan
 
 
+class _ReferenceLbfgs:
+    """The reference's L-BFGS-B through ``fit``, run again and again from the workload's initial weights.
+
+    Each run's trace is shifted by the time ``fit`` spends outside scipy (data adapter, result
+    checks), so that its times count from the ``fit`` call, as the contenders' count from theirs.
+    """
+
+    def __init__(self, workload: workloads.Workload, maxiter: int) -> None:
+        self.workload = workload
+        self.flat = FlatVariables.from_variables(workload.model.trainable_variables)
+        self.x0 = self.flat.read()
+        workload.model.train_function = make_train_function(workload.model, method="L-BFGS-B", maxiter=maxiter)
+
+    def run(self) -> tuple[float, Any, np.ndarray]:
+        """Seconds of the ``fit`` call, scipy's result, the shifted ``(seconds, loss)`` trace."""
+        w = self.workload
+        self.flat.write(self.x0)
+        start = time.perf_counter()
+        w.model.fit(w.x, w.y, batch_size=w.num_samples, epochs=1, verbose=0)
+        seconds = time.perf_counter() - start
+        result = w.model.train_function.result
+        trace = np.array(result.trace, dtype=float)
+        trace[:, 0] += seconds - trace[-1, 0]
+        return seconds, result, trace
+
+
+def alternatives_time_to_target(
+    name: str, size: str = "medium", *, maxiter: int = 200, rounds: int = 3,
+    contenders: Sequence[str] = alternatives.CONTENDERS,
+) -> dict[str, Any]:
+    """Seconds to a common target loss: the reference (scipy L-BFGS-B through ``fit``) against the
+    installed contenders of :mod:`.alternatives`, all from the workload's initial weights with
+    iteration limit ``maxiter``.
+
+    1. Each runs once cold (tracing and compilation included), then once warm to its own stop;
+       its final loss is judged by the reference objective at its final weights.
+    2. The target is the worst of those final losses, so that every one reaches it.
+    3. In each of ``rounds`` rounds, back to back: the reference's warm run (seconds to the target
+       from its per-iteration trace) and each contender's run stopped at the target (see
+       :mod:`.alternatives`); ratios are taken round by round.
+
+    Returns ``{"target", "maxiter", "skipped": {name: reason}, "rows": {name: {...}}}``; each row
+    has ``first run s``, ``full run s``, ``nit``, ``nfev``, ``final loss``, ``s to target`` (a
+    :class:`Stat`), ``/ reference`` (a :class:`Stat`), and for the contenders ``message``.
+    """
+    label = workloads.make_workload(name, size).label
+    judge_w = workloads.make_workload(name, size)
+    judge = FullBatchObjective(judge_w.model, judge_w.x, judge_w.y)
+    skipped = {c: alternatives.skip_reason(c) for c in contenders if alternatives.skip_reason(c)}
+    runners = {c: alternatives.make_contender(c, workloads.make_workload(name, size), maxiter)
+               for c in contenders if c not in skipped}
+    reference = _ReferenceLbfgs(workloads.make_workload(name, size), maxiter)
+    rows: dict[str, dict[str, Any]] = {}
+    cold, _, _ = reference.run()
+    warm, result, _ = reference.run()
+    rows["reference"] = {"first run s": cold, "full run s": warm, "nit": int(result.nit), "nfev": int(result.nfev),
+                         "final loss": float(result.fun), "message": str(result.message)}
+    for c, runner in runners.items():
+        first, full = runner.run(), runner.run()
+        rows[c] = {"first run s": first.seconds, "full run s": full.seconds, "nit": full.nit, "nfev": full.nfev,
+                   "final loss": judge.value(full.x), "message": full.message}
+    target = max(row["final loss"] for row in rows.values())
+    to_target: dict[str, list[float]] = {who: [] for who in rows}
+    for _ in range(rounds):
+        _, _, trace = reference.run()
+        to_target["reference"].append(time_to_target(trace, target))
+        for c, runner in runners.items():
+            r = runner.run(target)
+            to_target[c].append(r.seconds if r.loss <= target else math.nan)
+    ref = np.array(to_target["reference"])
+    for who, times in to_target.items():
+        rows[who]["s to target"] = Stat.of(times)
+        rows[who]["/ reference"] = Stat.of(np.array(times) / ref)
+    return {"workload": label, "target": target, "maxiter": maxiter, "skipped": skipped, "rows": rows}
+
+
 def adam_reference(
     size: str = "medium",
     *,
@@ -509,6 +587,21 @@ def summary(*, quick: bool = False, out: str = "reports", adam_seconds: float | 
     report["time_to_target"] = {"target": target, "adam_seconds": adam_time, "adam_config": list(config),
                                 "methods": to_target, "best_over_adam": best / adam_time}
 
+    say("\n## Time to target against other libraries' L-BFGS (keras_opt_ref.alternatives), maxiter 200, same start; "
+        "target: the worst final loss; warm runs (first run: tracing and compilation included); "
+        "ratios round by round")
+    report["alternatives"] = {}
+    for name in ("mlp", "factorization"):
+        comparison = alternatives_time_to_target(name, "medium", maxiter=200, rounds=3 if quick else 7)
+        report["alternatives"][comparison["workload"]] = comparison
+        say(f"{comparison['workload']}: target loss {comparison['target']:.4e}"
+            + "".join(f"; {c} left out: {reason}" for c, reason in comparison["skipped"].items()))
+        say(f"{'contender':<12} {'first run s':>11} {'full run s':>10} {'nit':>5} {'nfev':>6} {'final loss':>11} "
+            f"{'s to target':>22} {'/ reference':>22}")
+        for who, row in comparison["rows"].items():
+            say(f"{who:<12} {row['first run s']:>11.2f} {row['full run s']:>10.3f} {row['nit']:>5} {row['nfev']:>6} "
+                f"{row['final loss']:>11.4e} {str(row['s to target']):>22} {str(row['/ reference']):>22}")
+
     ls_size, ls_iter = "medium", (3 if quick else 10)
     say(f"\n## Least squares against minimize on mlp-{ls_size}: lm and trf get {ls_iter} evaluations, the minimize "
         f"methods {30 * ls_iter} iterations; target: the worse of lm's and trf's final losses")
@@ -549,6 +642,8 @@ def summary(*, quick: bool = False, out: str = "reports", adam_seconds: float | 
         ("HVP / loss+grad, mlp-medium", mlp["hvp / loss+grad"].median, 2.0, False),
         ("HVP / loss+grad, factorization-medium", fact["hvp / loss+grad"].median, 2.0, False),
         ("per-batch loop (batch 32) / reference, factorization-medium", loop["loop / reference"].median, 30, True),
+        *[(f"tfp in-graph L-BFGS / reference, seconds to target, {label}", c["rows"]["tfp"]["/ reference"].median,
+           2.0, True) for label, c in report["alternatives"].items() if "tfp" in c["rows"]],
         ("best full-batch seconds to Adam's loss / Adam's seconds", best / adam_time, 1 / 3, False),
     ]
     for label, value, limit, higher in targets:
