@@ -356,7 +356,7 @@ def alternatives_time_to_target(
 
     1. Each runs once cold (tracing and compilation included), then once warm to its own stop;
        its final loss is judged by the reference objective at its final weights.
-    2. The target is the worst of those final losses, so that every one reaches it.
+    2. The target is the worst of those final losses (times ``1 + 1e-5``), so that every one reaches it.
     3. In each of ``rounds`` rounds, back to back: the reference's warm run (seconds to the target
        from its per-iteration trace) and each contender's run stopped at the target (see
        :mod:`.alternatives`); ratios are taken round by round.
@@ -381,7 +381,9 @@ def alternatives_time_to_target(
         first, full = runner.run(), runner.run()
         rows[c] = {"first run s": first.seconds, "full run s": full.seconds, "nit": full.nit, "nfev": full.nfev,
                    "final loss": judge.value(full.x), "message": full.message}
-    target = max(row["final loss"] for row in rows.values())
+    # The worst, raised by 1e-5 relative: float32 losses from Keras and from the same math differ in
+    # their last bits, and the worst contender must reach its own final loss.
+    target = max(row["final loss"] for row in rows.values()) * (1 + 1e-5)
     to_target: dict[str, list[float]] = {who: [] for who in rows}
     for _ in range(rounds):
         _, _, trace = reference.run()
