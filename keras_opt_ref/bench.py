@@ -184,16 +184,17 @@ def same_math_costs(
     x0 = objective.flat.read()
     p = np.random.default_rng(1).normal(size=x0.size)
     point = cycling_points(x0, 7)
-    fns: dict[str, Callable[[], Any]] = {
-        "reference loss+grad": lambda: objective.value_and_grad(point()),
-        "reference hvp": lambda: objective.hessp(point(), p),
+    calls: dict[str, Callable[[np.ndarray, np.ndarray], Any]] = {
+        "reference loss+grad": lambda x, p: objective.value_and_grad(x),
+        "reference hvp": objective.hessp,
     }
     available = [b for b in backends if not same_math.backend_skip_reason(b)]
     for b in available:
         fn = same_math.same_math(workload, b)
-        fns[f"{b} loss+grad"] = lambda fn=fn: fn.value_and_grad(point())
-        fns[f"{b} hvp"] = lambda fn=fn: fn.hessp(point(), p)
-    t = round_robin(fns, rounds=rounds, repeat=repeat)
+        calls[f"{b} loss+grad"] = lambda x, p, fn=fn: fn.value_and_grad(x)
+        calls[f"{b} hvp"] = fn.hessp
+    t = round_robin({name: lambda c=c: c(point(), p) for name, c in calls.items()}, rounds=rounds, repeat=repeat)
+    _check_compiled_once(calls, t, x0)
     if available:
         t["best loss+grad"] = np.min([t[f"{b} loss+grad"] for b in available], axis=0)
         t["best hvp"] = np.min([t[f"{b} hvp"] for b in available], axis=0)
@@ -206,6 +207,25 @@ def same_math_costs(
     if objective.traces["value_and_grad"] != 1 or objective.traces["hvp"] != 1:
         raise RuntimeError(f"the objective retraced while being timed: {objective.traces}")
     return out
+
+
+def _check_compiled_once(calls: dict[str, Callable[[np.ndarray, np.ndarray], Any]], times: dict[str, np.ndarray],
+                         x0: np.ndarray) -> None:
+    """Each call at a point and direction never seen before costs about what a timed call did.
+
+    A function that XLA specializes on its input values (compiles again per value, and at values
+    seen before returns a folded constant) is fast at the few cycled points of a benchmark; this
+    is what tells it apart from a fast one.
+    """
+    rng = np.random.default_rng(12345)
+    x, p = x0 + 1e-3 * rng.normal(size=x0.size), rng.normal(size=x0.size)
+    for name, call in calls.items():
+        start = time.perf_counter()
+        call(x, p)
+        seconds, typical = time.perf_counter() - start, float(np.median(times[name]))
+        if seconds > 20 * typical + 0.1:
+            raise RuntimeError(f"{name}: {seconds:.3f} s at a new point, {typical * 1e3:.3g} ms per timed call: it "
+                               "compiles per input value, so its timing is not a per-call cost")
 
 
 def per_batch_loop_costs(workload: workloads.Workload, *, batch_size: int = 32, rounds: int = 3) -> dict[str, Stat]:
@@ -390,6 +410,9 @@ def alternatives_time_to_target(
         to_target["reference"].append(time_to_target(trace, target))
         for c, runner in runners.items():
             r = runner.run(target)
+            if r.seconds > 2 * rows[c]["full run s"] + 0.5:  # stopping early cannot cost more than the whole run
+                raise RuntimeError(f"{c}: {r.seconds:.2f} s to the target, {rows[c]['full run s']:.2f} s for the whole "
+                                   "run: it compiles again for a new target value")
             to_target[c].append(r.seconds if r.loss <= target else math.nan)
     ref = np.array(to_target["reference"])
     for who, times in to_target.items():

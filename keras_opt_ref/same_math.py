@@ -7,11 +7,13 @@ model's compute dtype, mean squared error over all samples -- written directly a
 one flat vector, with no model, no variables and no Keras in the loop:
 
 - ``"tensorflow"``: one ``tf.function(jit_compile=True)`` per quantity; the gradient by a
-  ``GradientTape`` on the flat vector, the Hessian-vector product by forward-over-reverse (a
-  ``ForwardAccumulator`` around the gradient's tape). Measured here (median of 9 rounds, 2 cores),
-  forward-over-reverse is 0.36x the time of reverse-over-reverse on factorization-medium and
-  the same on mlp-medium; on a flat vector it does not recompile at new points, unlike the
-  reference's through Keras's Embedding.
+  ``GradientTape`` on the flat vector, the Hessian-vector product by reverse-over-reverse (a
+  second tape over the first). Forward-over-reverse (a ``ForwardAccumulator`` around the tape,
+  ``hvp_mode="forward-over-reverse"``) is as fast on mlp-medium (2.9 ms each), but on the
+  factorization TensorFlow's JVP through the gather's gradient makes XLA take the inputs as
+  compile-time constants: it recompiles at every new ``(x, p)`` (3.4 s a call on
+  factorization-medium) and, at points already seen, returns a folded constant (0.85 ms, a
+  timing that means nothing). :func:`~keras_opt_ref.bench.same_math_costs` checks for this.
 - ``"jax"`` (optional, ``pip install keras-opt-ref[jax]``): ``jax.jit(jax.value_and_grad(loss))``,
   the HVP as ``jax.jvp`` of ``jax.grad`` (forward-over-reverse, JAX's recommended form).
 
@@ -37,7 +39,7 @@ from .workloads import Workload
 __all__ = ["BACKENDS", "TF_HVP_MODES", "Ops", "SameMath", "backend_skip_reason", "same_math", "workload_math"]
 
 BACKENDS = ("tensorflow", "jax")
-TF_HVP_MODES = ("forward-over-reverse", "reverse-over-reverse")  # the first is the default
+TF_HVP_MODES = ("reverse-over-reverse", "forward-over-reverse")  # the first is the default
 
 
 def backend_skip_reason(backend: str) -> str | None:
@@ -158,7 +160,7 @@ class TensorFlowSameMath(SameMath):
 
     backend = "tensorflow"
 
-    def __init__(self, loss, flat: FlatVariables, order, data, dtype, hvp_mode: str = "forward-over-reverse") -> None:
+    def __init__(self, loss, flat: FlatVariables, order, data, dtype, hvp_mode: str = "reverse-over-reverse") -> None:
         if hvp_mode not in TF_HVP_MODES:
             raise ValueError(f"Unknown hvp_mode {hvp_mode!r}; choose one of {TF_HVP_MODES}")
         self.dtype, self.size, self.hvp_mode = np.dtype(dtype), flat.size, hvp_mode

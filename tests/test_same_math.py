@@ -16,7 +16,7 @@ from keras_opt_ref import FlatVariables, FullBatchObjective, same_math, workload
 # (workload, size, bias) -- small sizes: each case compiles its functions once.
 CASES = [("linear", "small", False), ("mlp", "small", False), ("factorization", "tiny", False),
          ("factorization", "tiny", True)]
-CONTENDERS = [("tensorflow", {}), ("tensorflow", {"hvp_mode": "reverse-over-reverse"}), ("jax", {})]
+CONTENDERS = [("tensorflow", {}), ("tensorflow", {"hvp_mode": "forward-over-reverse"}), ("jax", {})]
 
 
 def _id(value):
