@@ -7,7 +7,9 @@ Each contender minimizes a workload's loss -- the same math as the Keras model, 
   loop in the graph), on the TensorFlow same math.
 - ``"jaxopt"``: ``jaxopt.LBFGS`` (zoom line search), the whole run under ``jax.jit``, on the JAX
   same math.
-- ``"optimistix"``: ``optimistix.minimise`` with ``optimistix.LBFGS``, jitted, on the JAX same math.
+- ``"optimistix"``: ``optimistix.LBFGS`` (backtracking Armijo line search), stepped in a jitted
+  ``lax.while_loop`` so that the limit counts iterations (see :class:`OptimistixLbfgs`), on the
+  JAX same math.
 - ``"torch"``: ``torch.optim.LBFGS(line_search_fn="strong_wolfe")`` on the same math written on one
   flat float32 torch tensor.
 
@@ -15,11 +17,14 @@ Each is optional: :func:`skip_reason` says which package is missing. All get the
 limit and scipy L-BFGS-B's default tolerances where the library has a like one (:data:`GTOL` on
 the gradient's largest component: tfp, torch; on its 2-norm: jaxopt; :data:`FTOL` on the change of
 the loss: tfp, optimistix's Cauchy test on the loss and the weights), and otherwise their
-libraries' defaults (tfp and jaxopt keep 10 correction pairs, optimistix 10, torch 100).
+libraries' defaults (tfp and jaxopt keep 10 correction pairs, optimistix 10, torch 100; torch's
+evaluation limit is raised to scipy's ``maxfun`` so that the iteration limit binds).
 
 ``run(target)`` with a finite ``target`` makes the loss report a zero gradient wherever it is at or
-below the target (``stop_gradient``), so that the solver stops there by its own convergence test:
-the time of that run is the time to the target, with nothing recorded inside compiled loops.
+below the target (``stop_gradient``), so that the solver stops there by its own convergence test
+(optimistix: its loop stops there): the time of that run is the time to the target, with nothing
+recorded inside compiled loops. Measured on this 2-core machine, optimistix's L-BFGS with these
+settings stalls on the factorization (0.99 -> 0.98 in 200 iterations).
 """
 
 from __future__ import annotations
