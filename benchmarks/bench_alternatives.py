@@ -6,9 +6,9 @@ import math
 
 import numpy as np
 
-from keras_opt_ref import FullBatchObjective, baselines, bench, workloads
+from keras_opt_ref import FullBatchObjective, alternatives, baselines, bench, workloads
 
-from ._common import ADAM_SECONDS
+from ._common import ADAM_SECONDS, RUN_MAXITER
 
 
 class HandWritten:
@@ -81,3 +81,36 @@ class TimeToTarget:
         return cache["adam"]
 
     track_adam_seconds_to_its_best.unit = "seconds"
+
+
+class LbfgsLibraries:
+    """Other libraries' L-BFGS against the reference's (scipy L-BFGS-B through ``fit``): seconds to a
+    common target, from the same start (``keras_opt_ref.alternatives``). Missing packages skip."""
+
+    params = (["mlp", "factorization"], list(alternatives.CONTENDERS))
+    param_names = ("workload", "contender")
+    timeout = 3600
+    number = 1
+    repeat = 1
+
+    def setup_cache(self):
+        cache = {}
+        for name in self.params[0]:
+            rows = bench.alternatives_time_to_target(name, "medium", maxiter=RUN_MAXITER, rounds=3)["rows"]
+            cache[name] = {who: {"ratio": row["/ reference"].median, "seconds": row["s to target"].median}
+                           for who, row in rows.items()}
+        return cache
+
+    def setup(self, cache, name, contender):
+        if alternatives.skip_reason(contender):
+            raise NotImplementedError(alternatives.skip_reason(contender))
+
+    def track_seconds_to_target_over_reference(self, cache, name, contender):
+        return cache[name][contender]["ratio"]
+
+    track_seconds_to_target_over_reference.unit = "ratio"
+
+    def track_seconds_to_target(self, cache, name, contender):
+        return cache[name][contender]["seconds"]
+
+    track_seconds_to_target.unit = "seconds"

@@ -1,10 +1,10 @@
-"""asv: cost of one evaluation, and its ratio to the floor, per workload and size."""
+"""asv: cost of one evaluation, and its ratio to the floor and to the same math by hand, per workload and size."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from keras_opt_ref import FullBatchObjective, bench, workloads
+from keras_opt_ref import FlatVariables, FullBatchObjective, bench, same_math, workloads
 
 from ._common import SIZES, WORKLOADS
 
@@ -67,3 +67,66 @@ class DenseHessian:
         return bench.evaluation_costs(self.workload, rounds=3, dense_hessian=True)["hessian / loss+grad"].median
 
     track_dense_hessian_over_gradient.unit = "ratio"
+
+
+class SameMath:
+    """The reference against the same math hand-written on a flat vector (``keras_opt_ref.same_math``).
+
+    ``same_math``: one backend, or ``"best"`` (per round, the fastest installed one). A backend
+    whose package is missing is skipped.
+    """
+
+    params = (list(WORKLOADS), ["best", *same_math.BACKENDS])
+    param_names = ("workload", "same_math")
+    timeout = 1800
+
+    def setup_cache(self):
+        return {name: {k: v.median for k, v in bench.same_math_costs(workloads.make_workload(name, "medium"),
+                                                                     rounds=9).items()}
+                for name in WORKLOADS}
+
+    def setup(self, cache, name, backend):
+        reason = backend != "best" and same_math.backend_skip_reason(backend)
+        if reason:
+            raise NotImplementedError(reason)
+
+    def track_loss_and_gradient_over_same_math(self, cache, name, backend):
+        return cache[name][f"loss+grad / {backend} same-math"]
+
+    track_loss_and_gradient_over_same_math.unit = "ratio"
+
+    def track_hvp_over_same_math_hvp(self, cache, name, backend):
+        return cache[name][f"hvp / {backend} same-math hvp"]
+
+    track_hvp_over_same_math_hvp.unit = "ratio"
+
+    def track_same_math_hvp_over_its_gradient(self, cache, name, backend):
+        return cache[name][f"{backend} same-math hvp / loss+grad"]
+
+    track_same_math_hvp_over_its_gradient.unit = "ratio"
+
+
+class SameMathCalls:
+    """Seconds per same-math loss+gradient and HVP call, per workload, size and backend."""
+
+    params = (list(WORKLOADS), list(SIZES), list(same_math.BACKENDS))
+    param_names = ("workload", "size", "same_math")
+    timeout = 300
+
+    def setup(self, name, size, backend):
+        reason = same_math.backend_skip_reason(backend)
+        if reason:
+            raise NotImplementedError(reason)
+        w = workloads.make_workload(name, size)
+        self.fn = same_math.same_math(w, backend)
+        x0 = FlatVariables.from_variables(w.model.trainable_variables).read()
+        self.point = bench.cycling_points(x0, 7)
+        self.p = np.random.default_rng(1).normal(size=x0.size)
+        self.fn.value_and_grad(self.point())
+        self.fn.hessp(x0, self.p)
+
+    def time_loss_and_gradient(self, name, size, backend):
+        self.fn.value_and_grad(self.point())
+
+    def time_hvp(self, name, size, backend):
+        self.fn.hessp(self.point(), self.p)

@@ -13,7 +13,7 @@ import math
 import numpy as np
 import pytest
 
-from keras_opt_ref import FullBatchObjective, baselines, bench, workloads
+from keras_opt_ref import FullBatchObjective, alternatives, baselines, bench, same_math, workloads
 
 from ._common import ADAM_SECONDS, RUN_MAXITER, SIZES, WORKLOADS
 
@@ -68,6 +68,38 @@ def test_hvp(benchmark, objectives, name, size):
     p = np.random.default_rng(1).normal(size=x0.size)
     hp = benchmark(lambda: objective.hessp(x0, p))
     assert np.all(np.isfinite(hp))
+
+
+@pytest.fixture(scope="module")
+def same_math_costs():
+    """:func:`bench.same_math_costs` once per workload (it times every backend together)."""
+    cache = {}
+
+    def get(w, rounds):
+        if w.label not in cache:
+            cache[w.label] = bench.same_math_costs(w, rounds=rounds, repeat=rounds)
+        return cache[w.label]
+
+    return get
+
+
+@pytest.mark.parametrize("backend", same_math.BACKENDS)
+@pytest.mark.parametrize("name", WORKLOADS)
+def test_same_math(benchmark, objectives, same_math_costs, name, backend):
+    """The same math by hand on a flat vector: its loss+gradient timed; the reference's ratios to it."""
+    if same_math.backend_skip_reason(backend):
+        pytest.skip(same_math.backend_skip_reason(backend))
+    w, objective = objectives(name, "medium")
+    benchmark.group = f"same math {w.label}"
+    costs = same_math_costs(w, _rounds(benchmark, 9))
+    benchmark.extra_info.update(_stats({k: v for k, v in costs.items() if backend in k or "best" in k
+                                        or k.startswith("reference") or k == "hvp / loss+grad"}))
+    fn = same_math.same_math(w, backend)
+    x0 = objective.flat.read()
+    assert fn.value(x0) == pytest.approx(objective.value(x0), rel=1e-5), "not the reference's loss"
+    point = bench.cycling_points(x0, 7)
+    f, g = benchmark(lambda: fn.value_and_grad(point()))
+    assert math.isfinite(f) and g.shape == (objective.size,)
 
 
 def test_dense_hessian_small_mlp(benchmark, objectives):
@@ -137,6 +169,43 @@ def test_time_to_target(benchmark):
     best = min((v for k, v in out.items() if k in bench.RUN_METHODS and math.isfinite(v)), default=math.nan)
     out["best_over_adam"] = best / out["adam_seconds"]
     benchmark.extra_info.update(out)
+
+
+@pytest.fixture(scope="module")
+def alternatives_comparison():
+    """:func:`bench.alternatives_time_to_target` once per workload (the target is common to all contenders)."""
+    cache = {}
+
+    def get(name, rounds):
+        if name not in cache:
+            cache[name] = bench.alternatives_time_to_target(name, "medium", maxiter=RUN_MAXITER, rounds=rounds)
+        return cache[name]
+
+    return get
+
+
+@pytest.mark.parametrize("contender", alternatives.CONTENDERS)
+@pytest.mark.parametrize("name", ["mlp", "factorization"])
+def test_alternative_time_to_target(benchmark, alternatives_comparison, name, contender):
+    """Another library's L-BFGS against the reference: seconds to the common target, and their ratio."""
+    if alternatives.skip_reason(contender):
+        pytest.skip(alternatives.skip_reason(contender))
+    benchmark.group = f"time to target, L-BFGS libraries, {name}-medium"
+    comparison = alternatives_comparison(name, _rounds(benchmark, 3))
+    row, ref = comparison["rows"][contender], comparison["rows"]["reference"]
+    benchmark.extra_info.update(target=comparison["target"], maxiter=comparison["maxiter"],
+                                **{k: _jsonable(v) for k, v in row.items()},
+                                reference={k: _jsonable(v) for k, v in ref.items()})
+    runner = alternatives.make_contender(contender, workloads.make_workload(name, "medium"), RUN_MAXITER)
+    runner.run()  # tracing and compilation: not timed
+    run = benchmark.pedantic(runner.run, args=(comparison["target"],), rounds=_rounds(benchmark, 3), iterations=1)
+    # A contender that stalls (the target ignores it) is timed to its own stop: reached is then False.
+    benchmark.extra_info["reached"] = bool(run.loss <= comparison["target"])
+    assert math.isfinite(run.loss) and run.loss < comparison["start"], f"{contender} did not decrease the loss: {run}"
+
+
+def _jsonable(value):
+    return {"median": value.median, "min": value.lo, "max": value.hi} if isinstance(value, bench.Stat) else value
 
 
 @pytest.mark.parametrize("factor", [1, 4, 16])

@@ -19,6 +19,7 @@ _LAZY = {
     "bench": ("keras_opt_ref.bench", None),
     "baselines": ("keras_opt_ref.baselines", None),
     "least_squares": ("keras_opt_ref.least_squares", None),
+    "same_math": ("keras_opt_ref.same_math", None),
     "LeastSquaresObjective": ("keras_opt_ref.least_squares", "LeastSquaresObjective"),
     "FlatVariables": ("keras_opt_ref.flat", "FlatVariables"),
     "FullBatchObjective": ("keras_opt_ref.objective", "FullBatchObjective"),
@@ -40,6 +41,7 @@ __all__ = [
     "bench",
     "least_squares",
     "make_train_function",
+    "same_math",
     "scipy_optimizer",
     "workloads",
 ]

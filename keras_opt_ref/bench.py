@@ -6,7 +6,10 @@ a ratio compares calls made under the same machine load; we report the median ra
 the rounds with its min-max (:class:`Stat`).
 
 The floor is one bare compiled TensorFlow value-and-gradient call on the same data with the
-variables already set, float64 NumPy out, XLA as the objective uses it.
+variables already set, float64 NumPy out, XLA as the objective uses it. A lower floor is the
+same math written by hand as one jitted function of one flat vector (:mod:`.same_math`, on
+TensorFlow and, where installed, JAX), which :func:`same_math_costs` times against the
+reference's loss+gradient and HVP at the same float64 NumPy boundary.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from . import _keras, baselines, workloads
+from . import _keras, alternatives, baselines, same_math, workloads
+from .flat import FlatVariables
 from .objective import FullBatchObjective
 from .scipy_optimizer import make_train_function
 
@@ -33,6 +37,7 @@ __all__ = [
     "Run",
     "Stat",
     "adam_reference",
+    "alternatives_time_to_target",
     "cycling_points",
     "evaluation_costs",
     "floor_function",
@@ -41,6 +46,7 @@ __all__ = [
     "per_batch_loop_costs",
     "round_robin",
     "run_method",
+    "same_math_costs",
     "skip_reason",
     "scaling_probe",
     "time_to_target",
@@ -163,6 +169,65 @@ def evaluation_costs(
     return out
 
 
+def same_math_costs(
+    workload: workloads.Workload, *, rounds: int = 15, repeat: int = 5, backends: Sequence[str] = same_math.BACKENDS
+) -> dict[str, Stat]:
+    """The reference's loss+gradient and HVP against the same math hand-written on a flat vector.
+
+    Times, round by round, the reference's ``value_and_grad`` and ``hessp`` and each installed
+    backend's :func:`.same_math.same_math` (missing ones are left out), all at distinct points
+    near the start. Returns seconds per call (``"<who> loss+grad s"``, ``"<who> hvp s"``) and, for
+    ``b`` each backend and ``"best"`` (per round, the faster backend): ``"loss+grad / b same-math"``,
+    ``"hvp / b same-math hvp"``, ``"b same-math hvp / loss+grad"``; and the reference's ``"hvp / loss+grad"``.
+    """
+    objective = FullBatchObjective(workload.model, workload.x, workload.y)
+    x0 = objective.flat.read()
+    p = np.random.default_rng(1).normal(size=x0.size)
+    point = cycling_points(x0, 7)
+    calls: dict[str, Callable[[np.ndarray, np.ndarray], Any]] = {
+        "reference loss+grad": lambda x, p: objective.value_and_grad(x),
+        "reference hvp": objective.hessp,
+    }
+    available = [b for b in backends if not same_math.backend_skip_reason(b)]
+    for b in available:
+        fn = same_math.same_math(workload, b)
+        calls[f"{b} loss+grad"] = lambda x, p, fn=fn: fn.value_and_grad(x)
+        calls[f"{b} hvp"] = fn.hessp
+    t = round_robin({name: lambda c=c: c(point(), p) for name, c in calls.items()}, rounds=rounds, repeat=repeat)
+    _check_compiled_once(calls, t, x0)
+    if available:
+        t["best loss+grad"] = np.min([t[f"{b} loss+grad"] for b in available], axis=0)
+        t["best hvp"] = np.min([t[f"{b} hvp"] for b in available], axis=0)
+    out = {f"{name} s": Stat.of(v) for name, v in t.items()}
+    out["hvp / loss+grad"] = Stat.of(t["reference hvp"] / t["reference loss+grad"])
+    for b in [*available, "best"] if available else []:
+        out[f"loss+grad / {b} same-math"] = Stat.of(t["reference loss+grad"] / t[f"{b} loss+grad"])
+        out[f"hvp / {b} same-math hvp"] = Stat.of(t["reference hvp"] / t[f"{b} hvp"])
+        out[f"{b} same-math hvp / loss+grad"] = Stat.of(t[f"{b} hvp"] / t[f"{b} loss+grad"])
+    if objective.traces["value_and_grad"] != 1 or objective.traces["hvp"] != 1:
+        raise RuntimeError(f"the objective retraced while being timed: {objective.traces}")
+    return out
+
+
+def _check_compiled_once(calls: dict[str, Callable[[np.ndarray, np.ndarray], Any]], times: dict[str, np.ndarray],
+                         x0: np.ndarray) -> None:
+    """Each call at a point and direction never seen before costs about what a timed call did.
+
+    A function that XLA specializes on its input values (compiles again per value, and at values
+    seen before returns a folded constant) is fast at the few cycled points of a benchmark; this
+    is what tells it apart from a fast one.
+    """
+    rng = np.random.default_rng(12345)
+    x, p = x0 + 1e-3 * rng.normal(size=x0.size), rng.normal(size=x0.size)
+    for name, call in calls.items():
+        start = time.perf_counter()
+        call(x, p)
+        seconds, typical = time.perf_counter() - start, float(np.median(times[name]))
+        if seconds > 20 * typical + 0.1:
+            raise RuntimeError(f"{name}: {seconds:.3f} s at a new point, {typical * 1e3:.3g} ms per timed call: it "
+                               "compiles per input value, so its timing is not a per-call cost")
+
+
 def per_batch_loop_costs(workload: workloads.Workload, *, batch_size: int = 32, rounds: int = 3) -> dict[str, Stat]:
     """Reference loss+gradient against a Python loop over mini-batches (the earlier designs)."""
     objective = FullBatchObjective(workload.model, workload.x, workload.y)
@@ -273,6 +338,91 @@ def time_to_target(trace: np.ndarray, target: float) -> float:
     """First time in a ``(seconds, loss)`` trace at which the loss is at or below ``target``."""
     hit = np.nonzero(trace[:, 1] <= target)[0]
     return float(trace[hit[0], 0]) if hit.size else math.nan
+
+
+class _ReferenceLbfgs:
+    """The reference's L-BFGS-B through ``fit``, run again and again from the workload's initial weights.
+
+    Each run's trace is shifted by the time ``fit`` spends outside scipy (data adapter, result
+    checks), so that its times count from the ``fit`` call, as the contenders' count from theirs.
+    """
+
+    def __init__(self, workload: workloads.Workload, maxiter: int) -> None:
+        self.workload = workload
+        self.flat = FlatVariables.from_variables(workload.model.trainable_variables)
+        self.x0 = self.flat.read()
+        workload.model.train_function = make_train_function(workload.model, method="L-BFGS-B", maxiter=maxiter)
+
+    def run(self) -> tuple[float, Any, np.ndarray]:
+        """Seconds of the ``fit`` call, scipy's result, the shifted ``(seconds, loss)`` trace."""
+        w = self.workload
+        self.flat.write(self.x0)
+        start = time.perf_counter()
+        w.model.fit(w.x, w.y, batch_size=w.num_samples, epochs=1, verbose=0)
+        seconds = time.perf_counter() - start
+        result = w.model.train_function.result
+        trace = np.array(result.trace, dtype=float)
+        trace[:, 0] += seconds - trace[-1, 0]
+        return seconds, result, trace
+
+
+def alternatives_time_to_target(
+    name: str, size: str = "medium", *, maxiter: int = 200, rounds: int = 3,
+    contenders: Sequence[str] = alternatives.CONTENDERS,
+) -> dict[str, Any]:
+    """Seconds to a common target loss: the reference (scipy L-BFGS-B through ``fit``) against the
+    installed contenders of :mod:`.alternatives`, all from the workload's initial weights with
+    iteration limit ``maxiter``.
+
+    1. Each runs once cold (tracing and compilation included), then once warm to its own stop;
+       its final loss is judged by the reference objective at its final weights.
+    2. The target is the worst of those final losses that are below a tenth of the start loss
+       (times ``1 + 1e-5``), so that every one that did not stall reaches it.
+    3. In each of ``rounds`` rounds, back to back: the reference's warm run (seconds to the target
+       from its per-iteration trace) and each contender's run stopped at the target (see
+       :mod:`.alternatives`); ratios are taken round by round.
+
+    Returns ``{"workload", "start", "target", "maxiter", "skipped": {name: reason}, "rows": {name: {...}}}``; each row
+    has ``first run s``, ``full run s``, ``nit``, ``nfev``, ``final loss``, ``s to target`` (a
+    :class:`Stat`), ``/ reference`` (a :class:`Stat`), and for the contenders ``message``.
+    """
+    label = workloads.make_workload(name, size).label
+    judge_w = workloads.make_workload(name, size)
+    judge = FullBatchObjective(judge_w.model, judge_w.x, judge_w.y)
+    start = judge.value(judge.flat.read())  # before judging: every evaluation sets the judge's weights
+    skipped = {c: alternatives.skip_reason(c) for c in contenders if alternatives.skip_reason(c)}
+    runners = {c: alternatives.make_contender(c, workloads.make_workload(name, size), maxiter)
+               for c in contenders if c not in skipped}
+    reference = _ReferenceLbfgs(workloads.make_workload(name, size), maxiter)
+    rows: dict[str, dict[str, Any]] = {}
+    cold, _, _ = reference.run()
+    warm, result, _ = reference.run()
+    rows["reference"] = {"first run s": cold, "full run s": warm, "nit": int(result.nit), "nfev": int(result.nfev),
+                         "final loss": float(result.fun), "message": str(result.message)}
+    for c, runner in runners.items():
+        first, full = runner.run(), runner.run()
+        rows[c] = {"first run s": first.seconds, "full run s": full.seconds, "nit": full.nit, "nfev": full.nfev,
+                   "final loss": judge.value(full.x), "message": full.message}
+    # The worst of the contenders that got below a tenth of the start (one that did not has stalled;
+    # it would make the target the start itself), raised by 1e-5 relative: float32 losses from
+    # Keras and from the same math differ in their last bits, and the worst must reach its own.
+    finals = [row["final loss"] for row in rows.values()]
+    target = max([f for f in finals if f <= start / 10] or finals) * (1 + 1e-5)
+    to_target: dict[str, list[float]] = {who: [] for who in rows}
+    for _ in range(rounds):
+        _, _, trace = reference.run()
+        to_target["reference"].append(time_to_target(trace, target))
+        for c, runner in runners.items():
+            r = runner.run(target)
+            if r.seconds > 2 * rows[c]["full run s"] + 0.5:  # stopping early cannot cost more than the whole run
+                raise RuntimeError(f"{c}: {r.seconds:.2f} s to the target, {rows[c]['full run s']:.2f} s for the whole "
+                                   "run: it compiles again for a new target value")
+            to_target[c].append(r.seconds if r.loss <= target else math.nan)
+    ref = np.array(to_target["reference"])
+    for who, times in to_target.items():
+        rows[who]["s to target"] = Stat.of(times)
+        rows[who]["/ reference"] = Stat.of(np.array(times) / ref)
+    return {"workload": label, "start": start, "target": target, "maxiter": maxiter, "skipped": skipped, "rows": rows}
 
 
 def adam_reference(
@@ -396,6 +546,26 @@ def summary(*, quick: bool = False, out: str = "reports", adam_seconds: float | 
     say(f"dense Hessian, mlp-small: {costs['hessian s']} s per Hessian = {costs['hessian / loss+grad']} loss+grad")
     report["evaluation"] = evaluation
 
+    report["same_math"] = same = {}
+    missing = {b: same_math.backend_skip_reason(b) for b in same_math.BACKENDS if same_math.backend_skip_reason(b)}
+    say("\n## Against the same math hand-written on a flat vector (keras_opt_ref.same_math: one jitted function of "
+        "one vector, float64 NumPy in and out; 'best': per round the faster of "
+        f"{', '.join(b for b in same_math.BACKENDS if b not in missing)})")
+    for b, reason in missing.items():
+        say(f"{b}: left out, {reason}")
+    say(f"{'workload':<22} {'loss+grad / best':>18} {'HVP / best HVP':>18} {'HVP / loss+grad':>18}   "
+        "same-math ms per loss+grad, HVP; its HVP / loss+grad")
+    for name in ("linear", "mlp", "factorization"):
+        w = workloads.make_workload(name, "medium")
+        costs = same_math_costs(w, rounds=rounds)
+        same[w.label] = costs
+        backends = "; ".join(
+            f"{b} {costs[f'{b} loss+grad s'].median * 1e3:.3g}, {costs[f'{b} hvp s'].median * 1e3:.3g} "
+            f"({costs[f'{b} same-math hvp / loss+grad'].median:.3g})"
+            for b in same_math.BACKENDS if b not in missing)
+        say(f"{w.label:<22} {str(costs['loss+grad / best same-math']):>18} "
+            f"{str(costs['hvp / best same-math hvp']):>18} {str(costs['hvp / loss+grad']):>18}   {backends}")
+
     say("\n## Against what users would use instead (seconds per loss+gradient evaluation)")
     loop = per_batch_loop_costs(workloads.make_workload("factorization", "medium"), rounds=3 if quick else 5)
     say(f"factorization-medium: per-batch Python loop at batch 32 {loop['per-batch loop (batch 32) s']} s, "
@@ -446,6 +616,21 @@ def summary(*, quick: bool = False, out: str = "reports", adam_seconds: float | 
     report["time_to_target"] = {"target": target, "adam_seconds": adam_time, "adam_config": list(config),
                                 "methods": to_target, "best_over_adam": best / adam_time}
 
+    say("\n## Time to target against other libraries' L-BFGS (keras_opt_ref.alternatives), maxiter 200, same start; "
+        "target: the worst final loss below a tenth of the start (nan: never reached); warm runs (first run: tracing "
+        "and compilation included); ratios round by round")
+    report["alternatives"] = {}
+    for name in ("mlp", "factorization"):
+        comparison = alternatives_time_to_target(name, "medium", maxiter=200, rounds=3 if quick else 7)
+        report["alternatives"][comparison["workload"]] = comparison
+        say(f"{comparison['workload']}: start loss {comparison['start']:.4e}, target loss {comparison['target']:.4e}"
+            + "".join(f"; {c} left out: {reason}" for c, reason in comparison["skipped"].items()))
+        say(f"{'contender':<12} {'first run s':>11} {'full run s':>10} {'nit':>5} {'nfev':>6} {'final loss':>11} "
+            f"{'s to target':>22} {'/ reference':>22}")
+        for who, row in comparison["rows"].items():
+            say(f"{who:<12} {row['first run s']:>11.2f} {row['full run s']:>10.3f} {row['nit']:>5} {row['nfev']:>6} "
+                f"{row['final loss']:>11.4e} {str(row['s to target']):>22} {str(row['/ reference']):>22}")
+
     ls_size, ls_iter = "medium", (3 if quick else 10)
     say(f"\n## Least squares against minimize on mlp-{ls_size}: lm and trf get {ls_iter} evaluations, the minimize "
         f"methods {30 * ls_iter} iterations; target: the worse of lm's and trf's final losses")
@@ -476,9 +661,18 @@ def summary(*, quick: bool = False, out: str = "reports", adam_seconds: float | 
     targets = [  # (what, measured, target, higher is better)
         ("loss+grad / floor, mlp-medium", mlp["loss+grad / floor"].median, 1.15, False),
         ("loss+grad / floor, factorization-medium", fact["loss+grad / floor"].median, 1.15, False),
+        ("loss+grad / best same-math, mlp-medium", same["mlp-medium"]["loss+grad / best same-math"].median, 1.15,
+         False),
+        ("loss+grad / best same-math, factorization-medium",
+         same["factorization-medium"]["loss+grad / best same-math"].median, 1.15, False),
+        ("HVP / best same-math HVP, mlp-medium", same["mlp-medium"]["hvp / best same-math hvp"].median, 1.15, False),
+        ("HVP / best same-math HVP, factorization-medium",
+         same["factorization-medium"]["hvp / best same-math hvp"].median, 1.15, False),
         ("HVP / loss+grad, mlp-medium", mlp["hvp / loss+grad"].median, 2.0, False),
         ("HVP / loss+grad, factorization-medium", fact["hvp / loss+grad"].median, 2.0, False),
         ("per-batch loop (batch 32) / reference, factorization-medium", loop["loop / reference"].median, 30, True),
+        *[(f"tfp in-graph L-BFGS / reference, seconds to target, {label}", c["rows"]["tfp"]["/ reference"].median,
+           2.0, True) for label, c in report["alternatives"].items() if "tfp" in c["rows"]],
         ("best full-batch seconds to Adam's loss / Adam's seconds", best / adam_time, 1 / 3, False),
     ]
     for label, value, limit, higher in targets:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 import pytest
@@ -88,3 +89,28 @@ def test_floor_is_the_objective_at_the_current_weights(keras):
     f, g = objective.value_and_grad(objective.flat.read())
     assert f_floor == pytest.approx(f, rel=1e-6)
     np.testing.assert_allclose(g_floor, g, rtol=1e-5, atol=1e-7)
+
+
+def test_same_math_costs_report_every_ratio(keras):
+    w = workloads.make_workload("linear", "small", keras=keras)
+    costs = bench.same_math_costs(w, rounds=1, repeat=1)
+    for key in ("reference loss+grad s", "reference hvp s", "hvp / loss+grad", "loss+grad / best same-math",
+                "hvp / best same-math hvp", "best same-math hvp / loss+grad", "loss+grad / tensorflow same-math"):
+        assert costs[key].median > 0, key
+    best = costs["best loss+grad s"].median
+    assert best <= costs["tensorflow loss+grad s"].median, "best is the faster backend, round by round"
+
+
+def test_a_function_compiled_per_input_value_is_caught():
+    seen = set()
+
+    def specializing(x, p):  # fast at known values, slow (a compilation) at new ones
+        key = (x.tobytes(), p.tobytes())
+        if key not in seen:
+            seen.add(key)
+            time.sleep(0.3)
+
+    times = {"specializing": np.array([1e-4]), "plain": np.array([1e-4])}
+    with pytest.raises(RuntimeError, match="compiles per input value"):
+        bench._check_compiled_once({"specializing": specializing}, times, np.zeros(3))
+    bench._check_compiled_once({"plain": lambda x, p: None}, times, np.zeros(3))
