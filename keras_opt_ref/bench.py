@@ -547,7 +547,7 @@ def summary(*, quick: bool = False, out: str = "reports", adam_seconds: float | 
     report["evaluation"] = evaluation
 
     report["same_math"] = same = {}
-    missing = {b: same_math.backend_skip_reason(b) for b in same_math.BACKENDS if same_math.backend_skip_reason(b)}
+    missing = {b: reason for b in same_math.BACKENDS if (reason := same_math.backend_skip_reason(b))}
     say("\n## Against the same math hand-written on a flat vector (keras_opt_ref.same_math: one jitted function of "
         "one vector, float64 NumPy in and out; 'best': per round the faster of "
         f"{', '.join(b for b in same_math.BACKENDS if b not in missing)})")

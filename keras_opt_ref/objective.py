@@ -301,10 +301,9 @@ class FullBatchObjective:
         With the data in one chunk, the HVPs reuse one linearization of the gradient at ``x``.
         """
         x = self.flat.as_vector(x)
-        g = np.asarray(g, dtype=np.float64)
-        args = (self._tensor(x), tf.constant(float(f), tf.float64), tf.constant(g), tf.constant(float(trust_radius),
-                                                                                               tf.float64))
-        p, hits, hp, count = self._run("steihaug", *args)
+        scalar = lambda v: tf.constant(float(v), tf.float64)  # noqa: E731
+        g = tf.constant(np.asarray(g, dtype=np.float64))
+        p, hits, hp, count = self._run("steihaug", self._tensor(x), scalar(f), g, scalar(trust_radius))
         count = int(count)
         self.nhvp += abs(count)
         return p.numpy(), bool(hits), hp.numpy(), count
