@@ -27,7 +27,6 @@ TensorFlow (and a warning) if XLA cannot compile the model.
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -36,6 +35,14 @@ import numpy as np
 import tensorflow as tf
 
 from . import _keras, checks, methods
+from .core import (
+    DEFAULT_CHUNK_SIZE,
+    DEFAULT_MAX_DATA_BYTES,
+    DEFAULT_MAX_HESSIAN_PARAMS,
+    HessianTooLargeError,
+    Objective,
+    check_hessian_size,
+)
 from .flat import FlatVariables
 
 __all__ = [
@@ -47,33 +54,11 @@ __all__ = [
     "check_hessian_size",
 ]
 
-DEFAULT_CHUNK_SIZE = 65536
-DEFAULT_MAX_HESSIAN_PARAMS = 5000
-DEFAULT_MAX_DATA_BYTES = 4 * 2**30
 HVP_MODES = methods.HVP_MODES
 
-# Methods that need no dense Hessian; named in the refusal message.
-_HESSIAN_FREE = "trust-ncg, trust-krylov, Newton-CG (Hessian-vector products) or L-BFGS-B"
 
-
-class HessianTooLargeError(ValueError):
-    """The dense Hessian would not fit the configured limit."""
-
-
-def check_hessian_size(n: int, max_hessian_params: int) -> None:
-    """Refuse a dense ``n x n`` Hessian above the limit, saying what it would need."""
-    if n > max_hessian_params:
-        gib = n * n * 8 / 2**30
-        raise HessianTooLargeError(
-            f"A dense Hessian of {n} weights needs {n}x{n} float64 = {gib:.2f} GiB "
-            f"(limit: max_hessian_params={max_hessian_params}). Use a method that "
-            f"needs no dense Hessian -- {_HESSIAN_FREE} -- or raise max_hessian_params "
-            "if the memory and time (one HVP per weight) are acceptable."
-        )
-
-
-class FullBatchObjective:
-    """Keras's full-batch loss as a function of one float64 weight vector.
+class FullBatchObjective(Objective):
+    """Keras's full-batch loss as a function of one float64 weight vector, on TensorFlow.
 
     Parameters
     ----------
@@ -102,6 +87,8 @@ class FullBatchObjective:
         Largest training set, in bytes as dense tensors, held in memory (sparse inputs are
         densified); larger data is refused before any work.
     """
+
+    backend = "tensorflow"
 
     def __init__(
         self,
@@ -195,9 +182,7 @@ class FullBatchObjective:
             self._chunks = _map_data(lambda t: tf.Variable(t, trainable=False), (head, tail))
             if hasattr(self, "_functions"):
                 self._build_functions()  # new shapes: new graphs
-        self._memo_x: np.ndarray | None = None
-        self.best_x: np.ndarray | None = None
-        self.best_value = math.inf
+        self.forget()
 
     @property
     def data(self) -> tuple[Any, Any, Any]:
@@ -243,52 +228,17 @@ class FullBatchObjective:
         facts.loss_shape = tuple(tf.convert_to_tensor(loss).shape)
         return loss
 
-    # ------------------------------------------------------------ numpy API
-    @property
-    def size(self) -> int:
-        return self.flat.size
+    # ------------------------------------------------------ the backend's part (core.Objective)
+    def _compute_value(self, x: np.ndarray) -> float:
+        return float(self._run("value", self._tensor(x)))
 
-    def reset_counters(self) -> None:
-        """Counts of compiled evaluations: values, gradients, HVPs, dense Hessians."""
-        self.nfev = self.ngev = self.nhvp = self.nhess = 0
+    def _compute_value_and_grad(self, x: np.ndarray) -> np.ndarray:
+        return self._run("value_and_grad", self._tensor(x)).numpy()
 
-    def value(self, x: np.ndarray) -> float:
-        """Full-batch loss at ``x``."""
-        x = self.flat.as_vector(x)
-        if self._memo_hit(x):
-            return self._memo_f
-        self.nfev += 1
-        f = float(self._run("value", self._tensor(x)))
-        self._remember(x, f, None)
-        return f
-
-    def gradient(self, x: np.ndarray) -> np.ndarray:
-        """Exact gradient at ``x`` (float64, a new array)."""
-        return self.value_and_grad(x)[1]
-
-    def value_and_grad(self, x: np.ndarray) -> tuple[float, np.ndarray]:
-        """Loss and gradient at ``x`` from one compiled call (memoized on ``x``)."""
-        x = self.flat.as_vector(x)
-        if not (self._memo_hit(x) and self._memo_g is not None):
-            self.nfev += 1
-            self.ngev += 1
-            out = self._run("value_and_grad", self._tensor(x)).numpy()  # [f, g...]
-            self._remember(x, float(out[0]), out[1:])
-        # A copy: a solver that updates its gradient in place must not touch the cache.
-        return self._memo_f, self._memo_g.copy()
-
-    def hessp(self, x: np.ndarray, p: np.ndarray) -> np.ndarray:
-        """Exact Hessian-vector product ``H(x) @ p`` by nested autodiff."""
-        x = self.flat.as_vector(x)
-        p = self.flat.as_vector(p)
-        self.nhvp += 1
+    def _compute_hvp(self, x: np.ndarray, p: np.ndarray) -> np.ndarray:
         return self._run("hvp", self._tensor(x), self._tensor(p)).numpy()
 
-    def hessian(self, x: np.ndarray) -> np.ndarray:
-        """Dense symmetric Hessian at ``x``, shape ``(n, n)``; refused above ``max_hessian_params``."""
-        self.check_hessian_size()
-        x = self.flat.as_vector(x)
-        self.nhess += 1
+    def _compute_hessian(self, x: np.ndarray) -> np.ndarray:
         return self._run("hessian", self._tensor(x)).numpy()
 
     def steihaug(self, x: np.ndarray, f: float, g: np.ndarray, trust_radius: float) -> tuple:
@@ -307,28 +257,6 @@ class FullBatchObjective:
         count = int(count)
         self.nhvp += abs(count)
         return p.numpy(), bool(hits), hp.numpy(), count
-
-    def check_hessian_size(self) -> None:
-        check_hessian_size(self.size, self.max_hessian_params)
-
-    def set_weights(self, x: np.ndarray) -> None:
-        """Write ``x`` into the model's trainable variables."""
-        self.flat.write(self.flat.as_vector(x))
-
-    def cached(self, x: np.ndarray) -> tuple[float, np.ndarray | None] | None:
-        """``(value, gradient or None)`` if ``x`` is the last point evaluated, else ``None``."""
-        x = np.asarray(x, dtype=np.float64)
-        return (self._memo_f, self._memo_g) if self._memo_hit(x) else None
-
-    def known_value(self, x: np.ndarray) -> float | None:
-        """The loss at ``x`` if an evaluation already gave it (the last point, or the best one as the
-        variables hold it), else ``None``: after a failure the model need not run again."""
-        cached = self.cached(x)
-        if cached is not None:
-            return cached[0]
-        if self.best_x is not None and np.array_equal(self.flat.as_held(self.best_x), x):
-            return self.best_value
-        return None
 
     def _tensor(self, x: np.ndarray) -> tf.Tensor:
         dtype = self.flat.common_dtype
@@ -351,14 +279,6 @@ class FullBatchObjective:
                 stacklevel=3,
             )
             return result
-
-    def _memo_hit(self, x: np.ndarray) -> bool:
-        return self._memo_x is not None and np.array_equal(x, self._memo_x)
-
-    def _remember(self, x: np.ndarray, f: float, g: np.ndarray | None) -> None:
-        self._memo_x, self._memo_f, self._memo_g = x.copy(), f, g
-        if math.isfinite(f) and f < self.best_value:
-            self.best_value, self.best_x = f, self._memo_x  # shared: neither is ever written to
 
     # ---------------------------------------------------------------- graphs
     def _loss(self, batch: tuple[Any, Any, Any] | None) -> tf.Tensor:
