@@ -321,3 +321,28 @@ def keep_counts_integer(model: Any, logs: Mapping[str, Any], counts: tuple[str, 
             history[key] = _Counts(history.get(key, ()))
         else:
             history.setdefault(key, [])
+
+
+# ------------------------------------------------------------------ JAX and torch fit (Keras 3)
+def restore_jax_state(model: Any, state: tuple) -> None:
+    """JAX ``fit`` empties the model's variables for the epoch and passes their values as ``state``
+    (trainable, non-trainable, optimizer, metrics variables): put them back, so the objective and
+    ``evaluate`` see the model as it is."""
+    groups = (model.trainable_variables, model.non_trainable_variables,
+              getattr(getattr(model, "optimizer", None), "variables", []), model.metrics_variables)
+    for variables, values in zip(groups, state, strict=False):
+        for variable, value in zip(variables, values, strict=True):
+            variable.assign(value)
+
+
+def jax_state(model: Any, state: tuple) -> tuple:
+    """The state JAX ``fit`` expects back: the optimized trainable values, the rest as they are."""
+    return ([v.value for v in model.trainable_variables], *state[1:])
+
+
+def numpy_batches(batches: list[Any]) -> list[Any]:
+    """JAX / torch batches (their arrays, or NumPy) as NumPy, for the backend-neutral data checks."""
+    import keras
+
+    return [tf.nest.map_structure(lambda t: None if t is None else keras.ops.convert_to_numpy(t), b)
+            for b in batches]

@@ -200,3 +200,103 @@ class Objective:
         self._memo_x, self._memo_f, self._memo_g = x.copy(), f, g
         if math.isfinite(f) and f < self.best_value:
             self.best_value, self.best_x = f, self._memo_x  # shared: neither is ever written to
+
+
+# ------------------------------------------------------------------ data, for the non-TF backends
+class Chunks:
+    """The epoch's data as NumPy, cut for a sequential loop: ``head`` holds ``count`` full chunks
+    stacked on a new leading axis (``(count, rows, ...)``, or ``None``), ``tail`` the remaining rows
+    (possibly none). ``head_shares[i]`` and ``tail_share`` weight each chunk's Keras loss so that the
+    weighted sum is the one-batch loss (``checks.chunk_rule``); with rule ``"sum"`` every chunk's
+    loss holds the weight regularizers, which ``extra_regularizers`` (``1 - chunks``) takes out."""
+
+    def __init__(self, data: tuple[Any, Any, Any], rows: int, rule: str) -> None:
+        import tensorflow as tf
+
+        leaves = [t for t in tf.nest.flatten(data) if t is not None]
+        n = int(leaves[0].shape[0])
+        self.rows = c = min(rows, n)
+        full, rest = divmod(n, c) if n > c else (0, n)
+        self.count = full
+
+        def cut(fn):
+            return tf.nest.map_structure(lambda t: None if t is None else fn(t), data)
+
+        self.head = cut(lambda t: t[: full * c].reshape(full, c, *t.shape[1:])) if full else None
+        self.tail = cut(lambda t: t[full * c :])
+        if rule == "sum":
+            self.head_shares, self.tail_share = np.ones(full), 1.0 if rest else 0.0
+        elif rule == "sample_weight":
+            weights = np.asarray(tf.nest.flatten(data[2])[0], dtype=np.float64).reshape(n, -1).sum(axis=1)
+            total = weights.sum()
+            scale = 1.0 / total if total else 0.0
+            self.head_shares = weights[: full * c].reshape(full, c).sum(axis=1) * scale
+            self.tail_share = float(weights[full * c :].sum() * scale) if rest else 0.0
+        else:
+            self.head_shares, self.tail_share = np.full(full, c / n), rest / n
+        chunks = full + (1 if rest else 0)
+        self.extra_regularizers = (1.0 - chunks) if rule == "sum" and chunks > 1 else 0.0
+        self.has_tail = bool(rest)
+
+
+def numpy_data(data: tuple[Any, Any, Any]) -> tuple[Any, Any, Any]:
+    """Validated data (``checks.as_tensors``) as NumPy arrays, structure kept."""
+    import tensorflow as tf
+
+    return tf.nest.map_structure(lambda t: None if t is None else np.asarray(t), data)
+
+
+def eager_facts(model: Any, data: tuple[Any, Any, Any], rows: int, to_backend: Any) -> Any:
+    """Run the model and ``compute_loss`` eagerly on each chunk of ``rows`` (NumPy data, moved with
+    ``to_backend``): surfaces data errors before any compiled work and records what the calls show
+    about the loss (``checks.LossFacts``). A non-finite loss at the start is refused (on JAX an
+    out-of-range Embedding id gives NaN rather than an error)."""
+    import tensorflow as tf
+
+    from . import checks
+    from .objective import _batch_level_losses
+
+    facts = checks.LossFacts()
+    n = int([t for t in tf.nest.flatten(data) if t is not None][0].shape[0])
+    for start in range(0, n, rows):
+        x, y, sample_weight = tf.nest.map_structure(
+            lambda t, s=start: None if t is None else to_backend(t[s : s + rows]), data)
+        try:
+            y_pred = model(x, training=False)
+            outputs = tf.nest.flatten(y_pred)
+            facts.add_losses = max(facts.add_losses, _keras.add_loss_count(model))
+            facts.masked = facts.masked or any(_keras.output_mask(t) is not None for t in outputs)
+            names = list(getattr(model, "output_names", None) or [])
+            facts.output_names = sorted(y_pred) if isinstance(y_pred, dict) else (
+                names if len(names) == len(outputs) else [str(i) for i in range(len(outputs))])
+            facts.batch_level = _batch_level_losses(model, y, outputs)
+            loss = model.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=False)
+        except (ValueError, TypeError, IndexError, RuntimeError) as exc:
+            raise ValueError(
+                f"The model cannot evaluate its training data ({checks.summary(exc)}). Check the inputs' "
+                "shapes, dtypes and index ranges (e.g. Embedding ids < input_dim)."
+            ) from exc
+        facts.loss_shape = tuple(int(d) for d in np.shape(np.asarray(_keras_numpy(loss))))
+        checks.check_loss_facts(facts)
+        value = float(np.asarray(_keras_numpy(loss)))
+        if not math.isfinite(value):
+            raise ValueError(
+                f"The loss on samples [{start}, {min(start + rows, n)}) at the starting weights is {value}: the "
+                "optimization cannot start. Check the data (Embedding ids must be < input_dim: out-of-range ids "
+                "read NaN on this backend) and the starting weights."
+            )
+    return facts
+
+
+def weight_regularization(flat: Any, values: list[Any]) -> Any:
+    """Keras 3's weight-regularization terms at ``values`` (one per variable of ``flat``): what
+    ``model.losses`` holds for the weights, computed from the given values (0 if none)."""
+    terms = [v.regularizer(value) for v, value in zip(flat.variables, values, strict=True)
+             if getattr(v, "regularizer", None) is not None]
+    return sum(terms[1:], terms[0]) if terms else np.zeros((), np.float32)
+
+
+def _keras_numpy(value: Any) -> Any:
+    import keras
+
+    return keras.ops.convert_to_numpy(value)

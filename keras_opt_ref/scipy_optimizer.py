@@ -7,10 +7,14 @@ Usage, as with keras-opt::
     model.train_function = scipy_optimizer.make_train_function(model, method="trust-ncg", maxiter=20)
     history = model.fit(X, y)
 
-Data path: Keras's ``fit`` calls ``train_function(iterator)`` once per step, the iterator
-spanning the epoch. The first call of an epoch drains the iterator into memory (whatever
-``batch_size`` or data source ``fit`` was given), runs one optimization over the full data
-set and returns the logs; later calls in the same epoch return those logs without work.
+Data path: Keras's ``fit`` calls the train function once per step. On TensorFlow (Keras 3 and
+tf-keras) it passes an iterator spanning the epoch: the first call of an epoch drains it into
+memory (whatever ``batch_size`` or data source ``fit`` was given), runs one optimization over the
+full data set and returns the logs; later calls in the same epoch return those logs without work.
+On JAX, ``fit`` passes ``(state, iterator)`` and expects ``(logs, state)``: the same, with the
+model's weights taken from ``state`` and the optimized ones returned in it. On torch, ``fit``
+passes one batch per call: the batches are collected until the epoch's last one, which runs the
+optimization. The objective comes from the model's backend (``core.objective_class``).
 
 Failure path: a NaN/Inf value, gradient, Hessian or residual is never handed to scipy. The
 evaluation that produced it stops the run (``_NonFinite``), which ends like any other failure:
@@ -31,7 +35,7 @@ import scipy.optimize
 import scipy.sparse.linalg
 import tensorflow as tf
 
-from . import _keras, checks, methods
+from . import _keras, checks, core, methods
 from .flat import FlatVariables
 from .least_squares import DEFAULT_MAX_JACOBIAN_BYTES, LeastSquaresObjective
 from .objective import (
@@ -71,7 +75,7 @@ class ScipyTrainFunction:
         The objective (created on the first call).
     """
 
-    objective_class = FullBatchObjective  # what the first call builds; subclasses may swap it
+    objective_class: type | None = None  # what the first call builds (None: the backend's); subclasses may swap it
 
     def __init__(
         self,
@@ -103,10 +107,12 @@ class ScipyTrainFunction:
         )
         checks.check_model(model, deterministic=deterministic)
         self.model = model
+        self.backend = core.backend_of(model)
         self.method = methods.resolve_method(method)
         self.hessian = _check_hessian_choice(self.method, hessian)
         self.subproblem = _check_subproblem_choice(self.method, self.hessian, subproblem)
         self.jacobian = _check_jacobian_choice(self.method, jacobian, options)
+        _check_backend_choice(self.backend, self.method, self.hessian, self.subproblem)
         self.options = methods.solver_options(self.method, maxiter, options)
         if bounds is not None and not self.method.bounds:
             raise ValueError(
@@ -144,7 +150,7 @@ class ScipyTrainFunction:
         _keras.on_compile(model, _warn_if_reset)
 
     # ------------------------------------------------------------- Keras side
-    def __call__(self, iterator: Any) -> dict[str, Any]:
+    def __call__(self, *args: Any) -> Any:
         caller = _keras.calling_model()
         if caller is not None and caller is not self.model:
             raise ValueError(
@@ -152,6 +158,34 @@ class ScipyTrainFunction:
                 f"{caller.name!r}.fit called it. Make one per model: "
                 f"{caller.name}.train_function = make_train_function({caller.name}, ...)."
             )
+        if self.backend == "jax":  # fit(...): logs, state = train_function(state, iterator)
+            state, iterator = args
+            _keras.restore_jax_state(self.model, state)
+            return self._epoch(iterator), _keras.jax_state(self.model, state)
+        if self.backend == "torch":  # fit(...): logs = train_function([batch])
+            return self._collect(*args)
+        return self._epoch(*args)
+
+    def _collect(self, data: list[Any]) -> dict[str, Any]:
+        """torch: ``fit`` hands one batch per call; the epoch's last one runs the optimization."""
+        steps = _keras.fit_steps_per_epoch(self.model)
+        if steps is None:
+            raise ValueError(
+                "On the torch backend fit hands the train function one batch at a time, and this data source does "
+                "not say how many batches an epoch has, so the full training set is never known. Pass "
+                "steps_per_epoch=... (that many batches form each epoch's training set), or arrays / a dataset of "
+                "known length."
+            )
+        history = getattr(self.model, "history", None)
+        if self._iterator is not history:  # a new fit: start collecting afresh
+            self._iterator, self._batches = history, []
+        self._batches.extend(data)
+        if len(self._batches) < steps:
+            return self._logs
+        batches, self._batches = self._batches, []
+        return self._optimize(_keras.numpy_batches(batches))
+
+    def _epoch(self, iterator: Any) -> dict[str, Any]:
         steps = _keras.fit_steps_per_epoch(self.model)
         first = []
         if iterator is self._iterator:
@@ -172,6 +206,9 @@ class ScipyTrainFunction:
         batches = first + _take(iterator, None if steps is None else steps - len(first), self.max_data_bytes)
         self._iterator = iterator
         self._calls_left = math.ceil(steps / _keras.steps_per_execution(self.model)) - 1 if steps else 0
+        return self._optimize(batches if self.backend == "tensorflow" else _keras.numpy_batches(batches))
+
+    def _optimize(self, batches: list[Any]) -> dict[str, Any]:
         data = _concatenate([_keras.unpack_x_y_sample_weight(self.model, b) for b in batches])
         self._logs = self.run(*data)
         _keras.keep_counts_integer(self.model, self._logs, COUNTS)
@@ -289,7 +326,8 @@ class ScipyTrainFunction:
 
     def _objective_for(self, x: Any, y: Any, sample_weight: Any) -> FullBatchObjective:
         if self.objective is None:
-            cls = LeastSquaresObjective if self._least_squares else self.objective_class
+            cls = LeastSquaresObjective if self._least_squares else (
+                self.objective_class or core.objective_class(self.model))
             self.objective = cls(self.model, x, y, sample_weight, **self._objective_kwargs)
         else:
             self.objective.set_data(x, y, sample_weight)
@@ -504,6 +542,21 @@ def _check_subproblem_choice(method: methods.Method, hessian: str, subproblem: A
     return subproblem
 
 
+def _check_backend_choice(backend: str, method: methods.Method, hessian: str, subproblem: str) -> None:
+    """What only the TensorFlow objective computes is refused elsewhere, before any work."""
+    if backend == "tensorflow":
+        return
+    what = ("least squares (method='lm', 'trf', 'dogbox')" if method.least_squares
+            else "hessian='gauss-newton'" if hessian == "gauss-newton"
+            else "subproblem='in-graph'" if subproblem == "in-graph" else None)
+    if what:
+        raise ValueError(
+            f"{what} is computed by the TensorFlow objective only; this model runs on Keras's {backend!r} backend. "
+            "Use a minimize method with the exact Hessian (method='trust-ncg', 'trust-krylov', 'Newton-CG', "
+            "'trust-exact') or L-BFGS-B here, or run the model on TensorFlow (KERAS_BACKEND=tensorflow)."
+        )
+
+
 def _check_jacobian_choice(method: methods.Method, jacobian: str | None, options: dict[str, Any]) -> str | None:
     if jacobian is None:
         return None
@@ -596,7 +649,7 @@ def _take(iterator: Any, count: int | None, max_bytes: int) -> list[Any]:
         taken += 1
         leaves = [leaf for leaf in tf.nest.flatten(batch) if leaf is not None]
         held += sum(checks.dense_bytes(leaf) for leaf in leaves)
-        rows += int(leaves[0].shape[0]) if leaves and leaves[0].shape.rank else 0
+        rows += int(leaves[0].shape[0]) if leaves and len(leaves[0].shape) else 0
         if held > max_bytes:
             blocks.clear(), batches.clear()
             ended = "without ending" if count is None else f"of the epoch's {count}"

@@ -1,0 +1,197 @@
+"""The full-batch objective on Keras 3's JAX backend (``KERAS_BACKEND=jax``).
+
+``f(x)`` is the loss Keras's JAX trainer differentiates (``model.compute_loss_and_updates``:
+compiled loss, regularizers and ``add_loss`` terms) in inference mode, over all samples, with
+the trainable variables taken from the flat vector ``x`` -- as ``model.evaluate`` reports it.
+Everything is stateless: the weights enter as arguments, never through the model's variables.
+
+- value and gradient: one ``jax.jit`` of ``jax.value_and_grad``;
+- HVP: forward-over-reverse ``jax.jvp`` of the gradient (``hvp_mode="reverse-over-reverse"``:
+  the gradient of ``<grad, p>``);
+- dense Hessian: ``jax.lax.map`` of the HVP over the unit vectors (memory: one HVP plus ``H``).
+
+The data lives on the device, cut into chunks of ``chunk_size`` rows (``core.Chunks``); a
+``jax.lax.scan`` walks them, so memory is bounded by a chunk, and each chunk's loss is weighted
+by its share (``checks.chunk_rule``). Data and weights are arguments of the jitted functions,
+so a new epoch's data of the same shapes reuses the compiled code.
+
+float64 models need ``jax.config.update("jax_enable_x64", True)``; without it JAX would silently
+compute in float32, so they are refused. With float32 models the sum over chunks is float32
+unless x64 is on.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import checks, methods
+from .core import (
+    DEFAULT_CHUNK_SIZE,
+    DEFAULT_MAX_DATA_BYTES,
+    DEFAULT_MAX_HESSIAN_PARAMS,
+    Chunks,
+    Objective,
+    eager_facts,
+    numpy_data,
+    weight_regularization,
+)
+from .flat import FlatVariables
+
+__all__ = ["JaxObjective"]
+
+
+class JaxObjective(Objective):
+    """Keras's full-batch loss on the JAX backend; parameters as ``objective.FullBatchObjective``
+    (``jit_compile=False`` runs the functions without ``jax.jit``)."""
+
+    backend = "jax"
+
+    def __init__(
+        self,
+        model: Any,
+        x: Any,
+        y: Any = None,
+        sample_weight: Any = None,
+        *,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        jit_compile: bool | None = None,
+        hvp_mode: str | None = None,
+        max_hessian_params: int = DEFAULT_MAX_HESSIAN_PARAMS,
+        deterministic: bool = False,
+        max_data_bytes: int = DEFAULT_MAX_DATA_BYTES,
+    ) -> None:
+        settings = methods.check_settings(
+            chunk_size=chunk_size, jit_compile=jit_compile, hvp_mode=hvp_mode, max_hessian_params=max_hessian_params,
+            deterministic=deterministic, max_data_bytes=max_data_bytes,
+        )
+        checks.check_model(model, deterministic=deterministic)
+        checks.check_trainable(model)
+        self.model = model
+        self.chunk_size = settings["chunk_size"]
+        self.max_data_bytes = settings["max_data_bytes"]
+        self.hvp_mode = hvp_mode or "forward-over-reverse"  # JAX's own way; both are exact
+        self.max_hessian_params = settings["max_hessian_params"]
+        self.jit_compile = jit_compile is not False
+        self.flat = FlatVariables.from_variables(model.trainable_variables)
+        wide = [n for n, d in zip(self.flat.names, self.flat.dtypes, strict=True) if d.size == 8]
+        if wide and not jax.config.jax_enable_x64:
+            raise TypeError(
+                f"Variables {wide} are float64, but JAX computes in float32 unless 64-bit mode is on, silently. "
+                "Enable it before building the model: jax.config.update('jax_enable_x64', True), or build the "
+                "model in float32."
+            )
+        self._dtype = self.flat.common_dtype.as_numpy_dtype
+        self._acc_dtype = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
+        self._build_functions()
+        self.set_data(x, y, sample_weight)
+        self.reset_counters()
+
+    # ------------------------------------------------------------------ data
+    def set_data(self, x: Any, y: Any = None, sample_weight: Any = None) -> None:
+        """Hold a new training set on the device (validated; same shapes reuse the compiled code)."""
+        data = checks.as_tensors((x, y, sample_weight), self.max_data_bytes)
+        self.num_samples = n = checks.check_data(data)
+        data = numpy_data(data)
+        self.facts = eager_facts(self.model, data, self.chunk_size, jnp.asarray)
+        self.rule, why = checks.chunk_rule(self.model, self.facts, data[2])
+        rows = self.chunk_size
+        if n > rows and not self.rule:
+            warnings.warn(
+                f"All {n} samples are evaluated in one piece, not in chunks of chunk_size={rows}: {why}, so chunk "
+                "values do not add up to Keras's loss. Memory is not bounded by chunk_size here.",
+                UserWarning,
+                stacklevel=3,
+            )
+            rows = n
+        self.rule = self.rule or "rows"
+        chunks = Chunks(data, rows, self.rule)
+        self._numpy_data = data
+        to_device = lambda tree: jax.tree_util.tree_map(jnp.asarray, tree)  # noqa: E731
+        self._data = (to_device(chunks.head), to_device(chunks.tail),
+                      jnp.asarray(chunks.head_shares, self._acc_dtype),
+                      jnp.asarray(chunks.tail_share, self._acc_dtype),
+                      jnp.asarray(chunks.extra_regularizers, self._acc_dtype))
+        self._has_tail, self._extra = chunks.has_tail, chunks.extra_regularizers != 0
+        # Read now: during fit the train function has put the state back into the variables.
+        self._state = ([v.value for v in self.model.non_trainable_variables],
+                       [v.value for v in self.model.metrics_variables])
+        self.forget()
+
+    @property
+    def data(self) -> tuple[Any, Any, Any]:
+        """The training set ``(x, y, sample_weight)`` as NumPy arrays."""
+        return self._numpy_data
+
+    # ------------------------------------------------------ the backend's part (core.Objective)
+    def _compute_value(self, x: np.ndarray) -> float:
+        return float(self._functions["value"](self._vector(x), self._state, self._data))
+
+    def _compute_value_and_grad(self, x: np.ndarray) -> np.ndarray:
+        return np.asarray(self._functions["value_and_grad"](self._vector(x), self._state, self._data), np.float64)
+
+    def _compute_hvp(self, x: np.ndarray, p: np.ndarray) -> np.ndarray:
+        out = self._functions["hvp"](self._vector(x), self._vector(p), self._state, self._data)
+        return np.asarray(out, np.float64)
+
+    def _compute_hessian(self, x: np.ndarray) -> np.ndarray:
+        return np.asarray(self._functions["hessian"](self._vector(x), self._state, self._data), np.float64)
+
+    def _vector(self, x: np.ndarray) -> jax.Array:
+        return jnp.asarray(x.astype(self._dtype, copy=False))
+
+    # ------------------------------------------------------------- functions
+    def _build_functions(self) -> None:
+        wrap = jax.jit if self.jit_compile else (lambda f: f)
+        self._functions = {name: wrap(getattr(self, f"_fn_{name}")) for name in ("value", "value_and_grad", "hvp")}
+        self._functions["hessian"] = wrap(self._fn_hessian)
+
+    def _split(self, w: jax.Array) -> list[jax.Array]:
+        return [w[self.flat.slice(i)].reshape(shape).astype(dtype.as_numpy_dtype)
+                for i, (shape, dtype) in enumerate(zip(self.flat.shapes, self.flat.dtypes, strict=True))]
+
+    def _chunk_loss(self, trainable: list, state: tuple, batch: tuple) -> jax.Array:
+        non_trainable, metrics = state
+        x, y, sample_weight = batch
+        loss, _ = self.model.compute_loss_and_updates(
+            trainable, non_trainable, metrics, x, y, sample_weight, training=False)
+        return loss.astype(self._acc_dtype)
+
+    def _loss(self, w: jax.Array, state: tuple, data: tuple) -> jax.Array:
+        """Keras's one-batch loss at ``w``: the weighted chunk losses, walked by a scan."""
+        head, tail, head_shares, tail_share, extra = data
+        trainable = self._split(w)
+        total = jnp.zeros((), self._acc_dtype)
+        if self._has_tail:
+            total = total + tail_share * self._chunk_loss(trainable, state, tail)
+        if head is not None:
+            def step(acc, chunk_and_share):
+                chunk, share = chunk_and_share
+                return acc + share * self._chunk_loss(trainable, state, chunk), None
+
+            total, _ = jax.lax.scan(step, total, (head, head_shares))
+        if self._extra:  # rule "sum": each chunk's loss held the weight regularizers; count them once
+            total = total + extra * weight_regularization(self.flat, trainable).astype(self._acc_dtype)
+        return total
+
+    def _fn_value(self, w, state, data):
+        return self._loss(w, state, data)
+
+    def _fn_value_and_grad(self, w, state, data):
+        f, g = jax.value_and_grad(self._loss)(w, state, data)
+        return jnp.concatenate([f.reshape(1).astype(self._acc_dtype), g.astype(self._acc_dtype)])
+
+    def _fn_hvp(self, w, p, state, data):
+        grad = lambda v: jax.grad(self._loss)(v, state, data)  # noqa: E731
+        if self.hvp_mode == "reverse-over-reverse":
+            return jax.grad(lambda v: jnp.vdot(grad(v), p))(w).astype(self._acc_dtype)
+        return jax.jvp(grad, (w,), (p,))[1].astype(self._acc_dtype)
+
+    def _fn_hessian(self, w, state, data):
+        eye = jnp.eye(w.shape[0], dtype=w.dtype)
+        rows = jax.lax.map(lambda e: self._fn_hvp(w, e, state, data), eye)
+        return 0.5 * (rows + rows.T)
