@@ -22,3 +22,12 @@ def float64(keras):
     keras.backend.set_floatx("float64")
     yield
     keras.backend.set_floatx(old)
+
+
+@pytest.fixture
+def steps(keras):
+    """Finite-difference steps and tolerances for the precision this backend's float64 models
+    really compute in (``truth.working_precision``)."""
+    from .truth import Steps, working_precision
+
+    return Steps(working_precision(keras))  # a few microseconds: a 7-element tanh

@@ -78,9 +78,10 @@ def pytest_report_header(config):
     except Exception as exc:  # the session fixture reports it properly; the header must not crash
         impl = f"{name} (cannot be imported: {type(exc).__name__}: {exc})"
     timeout = check_timeout(config)
+    backend = keras.backend.backend() if hasattr(keras.backend, "backend") else "tensorflow"
     return (
-        f"keras-opt conformance: implementation {impl}; {keras.__name__} {keras.__version__}; "
-        f"tensorflow {tf.__version__}; check timeout {f'{timeout:g} s' if timeout else 'off'}"
+        f"keras-opt conformance: implementation {impl}; {keras.__name__} {keras.__version__} on the {backend} "
+        f"backend; tensorflow {tf.__version__}; check timeout {f'{timeout:g} s' if timeout else 'off'}"
     )
 
 

@@ -81,6 +81,37 @@ def _rows(data, part: slice):
     return data[part]
 
 
+def working_precision(keras) -> str:
+    """``"float64"`` if a float64 Keras model really computes in float64 on this backend, else
+    ``"float32"``. Keras 3 on JAX and torch promotes float64 to float32 in many ops (tanh, means:
+    ``keras.src.backend.common.dtypes.BIT64_TO_BIT32_DTYPE``), so a "float64" model's loss carries
+    float32 rounding there, and finite differences must be taken with wider steps and tolerances."""
+    x = np.linspace(-2.0, 2.0, 7)
+    got = np.asarray(keras.ops.convert_to_numpy(keras.ops.tanh(keras.ops.convert_to_tensor(x, "float64"))),
+                     dtype=np.float64) if hasattr(keras, "ops") else np.tanh(x)
+    return "float64" if np.max(np.abs(got - np.tanh(x))) < 1e-13 else "float32"
+
+
+class Steps:
+    """Finite-difference steps and tolerances for the working precision.
+
+    float64: h = 1e-6 (gradient), 1e-5 (HVP); truncation plus rounding below ~1e-8 relative, so
+    rtol 1e-6 (``rtol``), and 1e-9 for what exact arithmetic gives (linearity, symmetry: ``exact``).
+    float32 arithmetic inside a float64 model (noise ~1e-8 of the loss): h = 3e-3 balances
+    rounding (noise / h) and truncation (h^2), both ~1e-5; rtol 1e-3 still catches dropped terms,
+    wrong signs, scales and weights, subsets of the data; float32 gradients are what the backend
+    computes there and are not an error.
+    """
+
+    def __init__(self, precision: str) -> None:
+        self.precision = precision
+        if precision == "float64":
+            self.h, self.h_hvp, self.rtol, self.atol, self.exact, self.value = 1e-6, 1e-5, 1e-6, 1e-8, 1e-9, 1e-9
+        else:
+            self.h, self.h_hvp, self.rtol, self.atol, self.exact, self.value = 3e-3, 3e-3, 1e-3, 1e-5, 1e-5, 1e-6
+        self.fd = f"{'float64' if precision == 'float64' else 'wide-step (float32-arithmetic)'} central differences"
+
+
 def central_gradient(f, x: np.ndarray, h: float = 1e-6) -> np.ndarray:
     g = np.empty_like(x)
     for i in range(x.size):
