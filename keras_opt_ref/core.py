@@ -300,3 +300,10 @@ def _keras_numpy(value: Any) -> Any:
     import keras
 
     return keras.ops.convert_to_numpy(value)
+
+
+def make_objective(model: Any, x: Any, y: Any = None, sample_weight: Any = None, **settings: Any) -> Objective:
+    """The full-batch objective of ``model`` on ``(x, y, sample_weight)`` for the model's backend
+    (settings as ``objective.FullBatchObjective``): ``value``, ``value_and_grad``, ``hessp``,
+    ``hessian`` on float64 NumPy vectors, without ``fit``."""
+    return objective_class(model)(model, x, y, sample_weight, **settings)
