@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 from .independent import CORRECT, IMPLEMENTATIONS
-from .mutants import MUTANTS
+from .mutants import MUTANTS, TENSORFLOW_ONLY
 from .plugin import section_summary
 
 MUTANT_PACKAGE = "keras_opt_ref_conformance.mutants"
@@ -125,7 +125,9 @@ def summary(runs: dict[str, dict], mutants: list[str], independent: list[str]) -
 
 def main(impls: list[str], with_mutants: bool, out_dir: str, fail_fast: bool = False,
          with_independent: bool = False, timeout: float = DEFAULT_RUN_TIMEOUT, extra: list[str] | None = None) -> int:
-    mutants = [f"{MUTANT_PACKAGE}.{name}" for name in MUTANTS] if with_mutants else []
+    on_tf = _backend() == "tensorflow"
+    mutants = [f"{MUTANT_PACKAGE}.{name}" for name in MUTANTS if on_tf or name not in TENSORFLOW_ONLY] \
+        if with_mutants else []
     independent = [f"{INDEPENDENT_PACKAGE}.{name}" for name in IMPLEMENTATIONS] if with_independent else []
     runs = {}
     for impl in [*impls, *independent, *mutants]:
@@ -143,3 +145,10 @@ def main(impls: list[str], with_mutants: bool, out_dir: str, fail_fast: bool = F
     print(text)
     print(f"written: {out / 'conformance.md'}, {out / 'conformance.json'}")
     return 0 if ok else 1
+
+
+def _backend() -> str:
+    """The Keras backend the suite's runs will use (tf-keras: TensorFlow)."""
+    if os.environ.get("TF_USE_LEGACY_KERAS", "").lower() in ("1", "true", "yes"):
+        return "tensorflow"
+    return os.environ.get("KERAS_BACKEND", "tensorflow")

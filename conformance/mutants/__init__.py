@@ -8,6 +8,14 @@ must contain: the suite must not only fail the mutant, it must say what is wrong
 """
 
 EVERY_CHECK = "*"
+# Mutants of the TensorFlow objective's internals (graphs, chunk weights, tf.Variables) or of a TensorFlow-only
+# feature: they exist on TensorFlow (Keras 3 and tf-keras) only. The others break the NumPy API or the train
+# function and run on every backend.
+TENSORFLOW_ONLY = frozenset({
+    "per_batch_means", "regularization_dropped", "sample_weights_ignored", "indexed_slices_duplicates_dropped",
+    "wrong_unpack_order", "non_trainable_included", "stale_data_across_fits", "hvp_on_a_subset",
+    "gauss_newton_as_exact", "training_mode", "add_loss_dropped",
+})
 _HVP = "derivatives::test_hvp_matches_finite_differences[trust-ncg]"
 
 MUTANTS: dict[str, dict[str, str]] = {
