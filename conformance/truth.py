@@ -86,10 +86,18 @@ def working_precision(keras) -> str:
     ``"float32"``. Keras 3 on JAX and torch promotes float64 to float32 in many ops (tanh, means:
     ``keras.src.backend.common.dtypes.BIT64_TO_BIT32_DTYPE``), so a "float64" model's loss carries
     float32 rounding there, and finite differences must be taken with wider steps and tolerances."""
-    x = np.linspace(-2.0, 2.0, 7)
-    got = np.asarray(keras.ops.convert_to_numpy(keras.ops.tanh(keras.ops.convert_to_tensor(x, "float64"))),
-                     dtype=np.float64) if hasattr(keras, "ops") else np.tanh(x)
-    return "float64" if np.max(np.abs(got - np.tanh(x))) < 1e-13 else "float32"
+    if not hasattr(keras, "ops"):
+        return "float64"  # tf-keras: TensorFlow computes float64 models in float64
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(9, 3)), rng.normal(size=(9, 1))
+    model = keras.Sequential([keras.Input((3,), dtype="float64"),
+                              keras.layers.Dense(4, activation="tanh", dtype="float64"),
+                              keras.layers.Dense(1, dtype="float64")])
+    model.compile(loss="mse")
+    w1, b1, w2, b2 = (np.asarray(w, dtype=np.float64) for w in model.get_weights())
+    expected = float(np.mean((np.tanh(x @ w1 + b1) @ w2 + b2 - y) ** 2))
+    got = float(model.evaluate(x, y, batch_size=9, verbose=0))
+    return "float64" if abs(got - expected) <= 1e-13 * abs(expected) else "float32"
 
 
 class Steps:
@@ -97,8 +105,9 @@ class Steps:
 
     float64: h = 1e-6 (gradient), 1e-5 (HVP); truncation plus rounding below ~1e-8 relative, so
     rtol 1e-6 (``rtol``), and 1e-9 for what exact arithmetic gives (linearity, symmetry: ``exact``).
-    float32 arithmetic inside a float64 model (noise ~1e-8 of the loss): h = 3e-3 balances
-    rounding (noise / h) and truncation (h^2), both ~1e-5; rtol 1e-3 still catches dropped terms,
+    float32 arithmetic inside a float64 model (noise up to ~1e-7 of the loss): h = 1e-2 (3e-3 for
+    HVPs, which difference exact gradients) balances rounding (noise / h) and truncation (h^2), both
+    ~1e-5; rtol 1e-3 still catches dropped terms,
     wrong signs, scales and weights, subsets of the data; float32 gradients are what the backend
     computes there and are not an error.
     """
@@ -108,7 +117,7 @@ class Steps:
         if precision == "float64":
             self.h, self.h_hvp, self.rtol, self.atol, self.exact, self.value = 1e-6, 1e-5, 1e-6, 1e-8, 1e-9, 1e-9
         else:
-            self.h, self.h_hvp, self.rtol, self.atol, self.exact, self.value = 3e-3, 3e-3, 1e-3, 1e-5, 1e-5, 1e-6
+            self.h, self.h_hvp, self.rtol, self.atol, self.exact, self.value = 1e-2, 3e-3, 1e-3, 1e-5, 1e-5, 1e-6
         self.fd = f"{'float64' if precision == 'float64' else 'wide-step (float32-arithmetic)'} central differences"
 
 
