@@ -61,14 +61,21 @@ def regularization_at(model, w: np.ndarray, x) -> float:
     """The data-independent part of Keras's loss at w (weight regularizers and add_loss terms)."""
     with weights_set_to(model, w):
         model(_rows(x, slice(0, 1)), training=False)  # add_loss terms are recorded by a call
-        return float(sum(np.asarray(t, dtype=np.float64) for t in model.losses)) if model.losses else 0.0
+        return float(sum(_numpy(t) for t in model.losses)) if model.losses else 0.0
 
 
 def mse_in_training_mode(model, w: np.ndarray, x, y) -> float:
     """mean((model(x, training=True) - y)**2) at w: what an objective run in training mode computes."""
     with weights_set_to(model, w):
-        pred = np.asarray(model(x, training=True), dtype=np.float64)
+        pred = _numpy(model(x, training=True))
         return float(np.mean((pred - np.asarray(y, dtype=np.float64)) ** 2))
+
+
+def _numpy(tensor) -> np.ndarray:
+    """A backend's tensor as float64 NumPy (torch's may require grad: detached)."""
+    if type(tensor).__module__.startswith("torch"):
+        tensor = tensor.detach().cpu()
+    return np.asarray(tensor, dtype=np.float64)
 
 
 def _rows(data, part: slice):
