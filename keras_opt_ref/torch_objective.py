@@ -1,6 +1,6 @@
 """The full-batch objective on Keras 3's PyTorch backend (``KERAS_BACKEND=torch``).
 
-``f(x)`` is the loss Keras's trainers differentiate (``model.stateless_call`` then
+``f(x)`` is the loss Keras's trainers compute (``model.stateless_call``, then
 ``model.stateless_compute_loss``: compiled loss, regularizers and ``add_loss`` terms) in inference
 mode, over all samples, with the trainable variables taken from the flat vector ``x`` -- as
 ``model.evaluate`` reports it. Everything is stateless: the weights enter as one leaf tensor built
@@ -9,19 +9,27 @@ from ``x``, never through the model's variables.
 - value: the chunk losses under ``torch.no_grad``;
 - gradient: ``torch.autograd.grad`` of each chunk's loss (memory: one chunk's graph);
 - HVP: double backward, the vector-Jacobian product of the gradient built with ``create_graph``
-  (``hvp_mode="forward-over-reverse"``: ``torch.func.jvp`` of ``torch.func.grad``);
+  (``hvp_mode="forward-over-reverse"``: ``torch.func.jvp`` of ``torch.func.grad``, exact too but
+  measured 1.6x slower on the mlp workload);
 - dense Hessian: one HVP per unit vector, each chunk's gradient graph built once and reused
   (memory: one chunk's graph plus ``H``).
 
 The data lives on the model's device, cut into chunks of ``chunk_size`` rows (``core.Chunks``); a
 Python loop walks them, each chunk's loss weighted by its share (``checks.chunk_rule``) and summed
-in float64. float32 and float64 models both compute natively.
+in float64. Eager torch throughout: ``torch.compile`` of a chunk's loss cost ~50 s of compilation
+for 1.3x faster values and gradients on the mlp workload, moved them by float32 rounding, and
+refuses the double backward of the HVP, so ``jit_compile`` is accepted and not used.
+
+float64 models compute in torch's float64, except where Keras 3 itself demotes: its
+``result_type`` maps float64 to float32 on this backend, so ``ops.matmul`` (Dense) and
+``ops.mean`` (the built-in losses) run in float32 (keras-team/keras#23704). The objective is then
+Keras's loss as Keras computes it, derivatives exact for that computation.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -43,12 +51,11 @@ from .flat import FlatVariables
 
 __all__ = ["TorchObjective"]
 
-_REGULARIZERS = "regularizers"  # the piece of the loop that holds no data: rule "sum"'s correction
-
 
 class TorchObjective(Objective):
     """Keras's full-batch loss on the torch backend; parameters as ``objective.FullBatchObjective``
-    (``jit_compile`` is accepted and ignored: eager torch, see the module docstring)."""
+    (``jit_compile`` is accepted and not used: eager torch, see the module docstring;
+    ``hvp_mode=None`` is reverse-over-reverse)."""
 
     backend = "torch"
 
@@ -75,18 +82,19 @@ class TorchObjective(Objective):
         self.model = model
         self.chunk_size = settings["chunk_size"]
         self.max_data_bytes = settings["max_data_bytes"]
-        self.hvp_mode = settings["hvp_mode"]  # torch's own way is reverse-over-reverse; both are exact
+        self.hvp_mode = settings["hvp_mode"]
         self.max_hessian_params = settings["max_hessian_params"]
-        self.jit_compile = False
+        self.jit_compile = False  # measured not to pay (module docstring)
         self.flat = FlatVariables.from_variables(model.trainable_variables)
         self._dtype = self.flat.common_dtype.as_numpy_dtype
+        self._torch_dtype = _torch_dtype(self._dtype)
         self._device = model.trainable_variables[0].value.device
         self.set_data(x, y, sample_weight)
         self.reset_counters()
 
     # ------------------------------------------------------------------ data
     def set_data(self, x: Any, y: Any = None, sample_weight: Any = None) -> None:
-        """Hold a new training set on the model's device (validated)."""
+        """Hold a new training set on the model's device (validated; the same functions serve any data)."""
         data = checks.as_tensors((x, y, sample_weight), self.max_data_bytes)
         self.num_samples = n = checks.check_data(data)
         data = numpy_data(data)
@@ -104,13 +112,18 @@ class TorchObjective(Objective):
         self.rule = self.rule or "rows"
         chunks = Chunks(data, rows, self.rule)
         self._numpy_data = data
-        to_device = lambda tree: tf.nest.map_structure(lambda t: None if t is None else self._tensor(t), tree)  # noqa: E731
-        self._pieces = [(tf.nest.map_structure(lambda t, i=i: None if t is None else t[i], to_device(chunks.head)),
-                         float(share)) for i, share in enumerate(chunks.head_shares)]
+
+        def to_device(tree: Any) -> Any:
+            return tf.nest.map_structure(lambda t: None if t is None else self._tensor(t), tree)
+
+        # (batch, share) per chunk; a batch of None is rule "sum"'s regularizer correction.
+        head = to_device(chunks.head)
+        self._pieces = [(tf.nest.map_structure(lambda t, i=i: None if t is None else t[i], head), float(share))
+                        for i, share in enumerate(chunks.head_shares)]
         if chunks.has_tail:
             self._pieces.append((to_device(chunks.tail), chunks.tail_share))
-        if chunks.extra_regularizers:
-            self._pieces.append((_REGULARIZERS, chunks.extra_regularizers))
+        if chunks.extra_regularizers and any(getattr(v, "regularizer", None) for v in self.flat.variables):
+            self._pieces.append((None, chunks.extra_regularizers))
         self._state = ([v.value.detach().clone() for v in self.model.non_trainable_variables],
                        [v.value.detach().clone() for v in self.model.metrics_variables])
         self.forget()
@@ -132,27 +145,30 @@ class TorchObjective(Objective):
     def _compute_value_and_grad(self, x: np.ndarray) -> np.ndarray:
         w = self._leaf(x)
         out = np.zeros(1 + self.size)
-        for piece in self._pieces:
+        for piece in self._pieces:  # one chunk's graph at a time
             loss = self._piece_loss(w, piece)
             out[0] += float(loss.detach())
             out[1:] += _numpy(_grad(loss, w))
         return out
 
     def _compute_hvp(self, x: np.ndarray, p: np.ndarray) -> np.ndarray:
-        p = torch.from_numpy(p.astype(self._dtype)).to(self._device)
+        p = self._leaf(p, grad=False)
         return self._hvps(x, 1, lambda _: p)[0]
 
     def _compute_hessian(self, x: np.ndarray) -> np.ndarray:
-        n = self.size
-        rows = self._hvps(x, n, lambda i: torch.zeros(n, dtype=_torch_dtype(self._dtype), device=self._device)
-                          .index_fill_(0, torch.tensor([i], device=self._device), 1))
-        rows += rows.T
+        def unit(i: int) -> torch.Tensor:
+            e = torch.zeros(self.size, dtype=self._torch_dtype, device=self._device)
+            e[i] = 1
+            return e
+
+        rows = self._hvps(x, self.size, unit)
+        rows += rows.T  # numpy buffers the overlapping transpose
         rows *= 0.5
         return rows
 
     # ------------------------------------------------------------- functions
     def _leaf(self, x: np.ndarray, grad: bool = True) -> torch.Tensor:
-        """``x`` in the variables' common dtype, as the one leaf tensor every evaluation starts from."""
+        """``x`` in the variables' common dtype on the model's device: the leaf every evaluation starts from."""
         return torch.from_numpy(x.astype(self._dtype)).to(self._device).requires_grad_(grad)
 
     def _split(self, w: torch.Tensor) -> list[torch.Tensor]:
@@ -160,16 +176,17 @@ class TorchObjective(Objective):
                 for i, (shape, dtype) in enumerate(zip(self.flat.shapes, self.flat.dtypes, strict=True))]
 
     def _piece_loss(self, w: torch.Tensor, piece: tuple[Any, float]) -> torch.Tensor:
-        """One chunk's Keras loss times its share (float64), or rule "sum"'s regularizer correction."""
+        """One chunk's Keras loss at ``w`` times its share, in float64 (as ``compute_loss_and_updates``
+        of Keras's JAX trainer computes it); a batch of ``None``: rule "sum"'s regularizer correction."""
         batch, share = piece
         trainable = self._split(w)
-        if batch is _REGULARIZERS:  # each chunk's loss held the weight regularizers; count them once
-            return share * torch.as_tensor(weight_regularization(self.flat, trainable), device=self._device).double()
+        if batch is None:  # each chunk's loss held the weight regularizers; count them once
+            return share * torch.as_tensor(weight_regularization(self.flat, trainable)).double()
         model, (non_trainable, metrics) = self.model, self._state
         x, y, sample_weight = batch
         kwargs = {"training": False} if model._call_has_training_arg else {}
         y_pred, _, losses = model.stateless_call(trainable, non_trainable, x, return_losses=True, **kwargs)
-        if losses:  # make the forward pass's add_loss terms visible to compute_loss, as Keras's trainers do
+        if losses:  # the forward pass's add_loss terms, made visible to compute_loss as Keras's trainers do
             model._losses_override.clear()
             model._losses_override = losses
         try:
@@ -180,7 +197,8 @@ class TorchObjective(Objective):
         return share * loss.double()
 
     def _hvps(self, x: np.ndarray, count: int, vector: Callable[[int], torch.Tensor]) -> np.ndarray:
-        """``H(x) @ vector(i)`` for ``i < count``, as the rows of a float64 array."""
+        """``H(x) @ vector(i)`` for ``i < count`` as the rows of a float64 array, chunk by chunk:
+        reverse-over-reverse builds each chunk's gradient graph once and reuses it for every vector."""
         w = self._leaf(x)
         out = np.zeros((count, self.size))
         for piece in self._pieces:
@@ -190,18 +208,16 @@ class TorchObjective(Objective):
                     out[i] += _numpy(torch.func.jvp(grad, (w.detach(),), (vector(i),))[1])
                 continue
             g = _grad(self._piece_loss(w, piece), w, create_graph=True)
-            for i in _each(count):
-                if g.requires_grad:
-                    out[i] += _numpy(_grad(g, w, vector(i), retain_graph=i + 1 < count))
+            if not g.requires_grad:  # the piece is linear in w: no curvature
+                continue
+            for i in range(count):
+                out[i] += _numpy(_grad(g, w, vector(i), retain_graph=i + 1 < count))
         return out
 
 
 def _grad(output: torch.Tensor, w: torch.Tensor, vector: Any = None, **kwargs: Any) -> torch.Tensor:
+    """d(output)/dw (times ``vector``: a vector-Jacobian product); zeros where ``output`` does not use ``w``."""
     return torch.autograd.grad(output, w, vector, allow_unused=True, materialize_grads=True, **kwargs)[0]
-
-
-def _each(count: int) -> Iterator[int]:
-    return iter(range(count))
 
 
 def _numpy(t: torch.Tensor) -> np.ndarray:

@@ -2,16 +2,15 @@
 one run per epoch on all of them."""
 
 from keras_opt_ref import _keras
-from keras_opt_ref.scipy_optimizer import ScipyTrainFunction, _concatenate, _take
+from keras_opt_ref.scipy_optimizer import ScipyTrainFunction, _take
 
 from ._base import factory
 
 
 class EveryCall(ScipyTrainFunction):
-    def __call__(self, iterator):
+    def _epoch(self, iterator):  # each of fit's calls (TF: iterator; JAX: state, iterator) runs scipy
         batches = _take(iterator, _keras.steps_per_execution(self.model), self.max_data_bytes)
-        data = _concatenate([_keras.unpack_x_y_sample_weight(self.model, b) for b in batches])
-        return self.run(*data)
+        return self._optimize(batches if self.backend == "tensorflow" else _keras.numpy_batches(batches))
 
 
 make_train_function = factory(train_class=EveryCall)
