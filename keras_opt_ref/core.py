@@ -87,6 +87,11 @@ def objective_class(model: Any) -> type:
         raise ValueError(
             f"Keras backend {backend!r} is not supported; use one of {sorted(BACKENDS)} (KERAS_BACKEND=...)."
         )
+    if backend == "tensorflow":
+        from .distributed import DistributedObjective, strategy_of
+
+        if strategy_of(model) is not None:  # variables under a tf.distribute strategy: shard the data
+            return DistributedObjective
     module, name = BACKENDS[backend]
     return getattr(importlib.import_module(module), name)
 

@@ -155,17 +155,28 @@ class FullBatchObjective(Objective):
     # ------------------------------------------------------------------ data
     def set_data(self, x: Any, y: Any = None, sample_weight: Any = None) -> None:
         """Hold a new training set in memory (validated; same shapes reuse the graphs)."""
+        data, why = self._validated(x, y, sample_weight)
+        self._hold(data, why)
+        self.forget()
+
+    def _validated(self, x: Any, y: Any, sample_weight: Any) -> tuple[tuple[Any, Any, Any], str]:
+        """The training set as tensors, checked through the model; sets ``num_samples`` and ``rule``
+        (``""`` with the reason when no chunk rule is exact)."""
         data = checks.as_tensors((x, y, sample_weight), self.max_data_bytes)
-        self.num_samples = n = checks.check_data(data)
+        self.num_samples = checks.check_data(data)
         self._check_on_data(data)
         self.rule, why = checks.chunk_rule(self.model, self.facts, data[2])
-        rows = self.chunk_size
+        return data, why
+
+    def _hold(self, data: tuple[Any, Any, Any], why: str) -> None:
+        """Cut the data into chunk variables (head: whole chunks, tail: the rest) and their shares."""
+        n, rows = self.num_samples, self.chunk_size
         if n > rows and not self.rule:
             warnings.warn(
                 f"All {n} samples are evaluated in one piece, not in chunks of chunk_size={rows}: {why}, so chunk "
                 "values do not add up to Keras's loss. Memory is not bounded by chunk_size here.",
                 UserWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
             rows = n
         self.rule = self.rule or "rows"
@@ -182,7 +193,6 @@ class FullBatchObjective(Objective):
             self._chunks = _map_data(lambda t: tf.Variable(t, trainable=False), (head, tail))
             if hasattr(self, "_functions"):
                 self._build_functions()  # new shapes: new graphs
-        self.forget()
 
     @property
     def data(self) -> tuple[Any, Any, Any]:

@@ -141,6 +141,7 @@ class ScipyTrainFunction:
         self._calls_left = 0
         self._logs: dict[str, Any] = {}
         if model.built:
+            self._check_distribution()
             checks.check_trainable(model)
             flat = FlatVariables.from_variables(model.trainable_variables)
             if self.method.bounds:
@@ -203,7 +204,8 @@ class ScipyTrainFunction:
                 "epoch's training set would never end. Pass steps_per_epoch=... (that many batches form each "
                 "epoch's training set), or repeat the dataset a finite number of times."
             )
-        batches = first + _take(iterator, None if steps is None else steps - len(first), self.max_data_bytes)
+        strategy = _strategy(self.model) if self.backend == "tensorflow" else None
+        batches = first + _take(iterator, None if steps is None else steps - len(first), self.max_data_bytes, strategy)
         self._iterator = iterator
         self._calls_left = math.ceil(steps / _keras.steps_per_execution(self.model)) - 1 if steps else 0
         return self._optimize(batches if self.backend == "tensorflow" else _keras.numpy_batches(batches))
@@ -326,12 +328,24 @@ class ScipyTrainFunction:
 
     def _objective_for(self, x: Any, y: Any, sample_weight: Any) -> FullBatchObjective:
         if self.objective is None:
+            self._check_distribution()
             cls = LeastSquaresObjective if self._least_squares else (
                 self.objective_class or core.objective_class(self.model))
             self.objective = cls(self.model, x, y, sample_weight, **self._objective_kwargs)
         else:
             self.objective.set_data(x, y, sample_weight)
         return self.objective
+
+    def _check_distribution(self) -> None:
+        """Least squares holds one Jacobian of all residuals on one device: not under a strategy."""
+        if self._least_squares and self.backend == "tensorflow" and _strategy(self.model) is not None:
+            what = "hessian='gauss-newton'" if self.hessian == "gauss-newton" else f"method={self.method.name!r}"
+            raise ValueError(
+                f"{what} (least squares) is not available for a model under a tf.distribute strategy: its residuals "
+                "and Jacobian are held on one device. Use a minimize method with the exact Hessian (method="
+                "'trust-ncg', 'trust-krylov', 'Newton-CG') or L-BFGS-B, whose values, gradients and Hessian-vector "
+                "products are summed over the replicas; or build the model outside strategy.scope()."
+            )
 
     def _finish(
         self,
@@ -636,17 +650,22 @@ def _loss_or_nan(objective: FullBatchObjective, x: np.ndarray) -> float:
 _BLOCK = 256  # drained batches are joined in blocks of this many: tensors cost ~1.5 KB each beyond their data
 
 
-def _take(iterator: Any, count: int | None, max_bytes: int) -> list[Any]:
+def _take(iterator: Any, count: int | None, max_bytes: int, strategy: Any = None) -> list[Any]:
     """Up to ``count`` batches from a Keras data iterator (all that remain if ``None``), joined into
     blocks as they come, refusing to hold more than ``max_bytes`` of data (as dense tensors): an
-    endless source must not grow memory without bound."""
+    endless source must not grow memory without bound. Under a ``tf.distribute`` ``strategy`` a
+    batch is one part per local replica: the parts are taken as batches of their own."""
     blocks, batches, held, taken, rows = [], [], 0, 0, 0
-    while count is None or taken < count:
-        try:
-            batch = next(iterator)
-        except (StopIteration, tf.errors.OutOfRangeError):
-            break
-        taken += 1
+    parts: list[Any] = []
+    while count is None or taken < count or parts:
+        if not parts:
+            try:
+                batch = next(iterator)
+            except (StopIteration, tf.errors.OutOfRangeError):
+                break
+            taken += 1
+            parts = list(strategy.experimental_local_results(batch)) if strategy is not None else [batch]
+        batch = parts.pop(0)
         leaves = [leaf for leaf in tf.nest.flatten(batch) if leaf is not None]
         held += sum(checks.dense_bytes(leaf) for leaf in leaves)
         rows += int(leaves[0].shape[0]) if leaves and len(leaves[0].shape) else 0
@@ -659,6 +678,12 @@ def _take(iterator: Any, count: int | None, max_bytes: int) -> list[Any]:
             blocks.append(_concatenate(batches))
             batches = []
     return blocks + batches
+
+
+def _strategy(model: Any) -> Any:
+    from .distributed import strategy_of
+
+    return strategy_of(model) if model.built else None
 
 
 def _concatenate(batches: list[tuple[Any, Any, Any]]) -> tuple[Any, Any, Any]:

@@ -14,6 +14,14 @@ from keras_opt_ref import _keras  # noqa: E402
 
 KERAS = _keras.default_keras()
 
+# tests/test_distributed.py runs tf.distribute strategies on two logical CPU devices, which must be
+# configured before TensorFlow initializes its devices; one device stays the default placement.
+try:
+    tf.config.set_logical_device_configuration(
+        tf.config.list_physical_devices("CPU")[0], [tf.config.LogicalDeviceConfiguration()] * 2)
+except RuntimeError:  # devices already initialized (e.g. by a plugin): the distributed tests skip
+    pass
+
 
 def pytest_report_header(config):
     return f"keras flavour: {KERAS.__name__} {KERAS.__version__}; tensorflow {tf.__version__}"
