@@ -79,7 +79,8 @@ class DistributedObjective(FullBatchObjective):
         bounds = np.linspace(0, n, len(local) + 1).round().astype(int)  # shards of n // R or n // R + 1 rows
         rows = min(self.chunk_size, int(np.diff(bounds).min()))
         shards = [self._layout(data, a, b, rows) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
-        totals = self._all_reduce(np.array([n, sum(len(s["counts"]) for s in shards), sum(s["weight"] for s in shards)]))
+        chunks, weight = sum(len(s["counts"]) for s in shards), sum(s["weight"] for s in shards)
+        totals = self._all_reduce(np.array([n, chunks, weight]))  # rows, chunks, sample weights of all workers
         first, replicas = self._first_replica_id(), self.strategy.num_replicas_in_sync
         pieces = []
         for j, shard in enumerate(shards):
