@@ -81,6 +81,7 @@ class DistributedObjective(FullBatchObjective):
         shards = [self._layout(data, a, b, rows) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
         chunks, weight = sum(len(s["counts"]) for s in shards), sum(s["weight"] for s in shards)
         totals = self._all_reduce(np.array([n, chunks, weight]))  # rows, chunks, sample weights of all workers
+        self.total_samples = int(totals[0])  # over all workers (num_samples: this process's)
         first, replicas = self._first_replica_id(), self.strategy.num_replicas_in_sync
         pieces = []
         for j, shard in enumerate(shards):

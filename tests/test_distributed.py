@@ -144,3 +144,37 @@ def test_fewer_rows_than_replicas_is_refused(keras, strategy):
         model = mlp(keras)
     with pytest.raises(ValueError, match="at least one row"):
         core.make_objective(model, X[:1], Y[:1])
+
+
+# ------------------------------------------------------------------ two localhost workers
+def _workers(job, flavour_mode, **params):
+    from keras_opt_ref import cluster
+
+    return cluster.launch(job, 1, **params, mode=flavour_mode), cluster.launch(job, 2, **params, mode=flavour_mode)
+
+
+def _mode(keras):
+    # Keras 3.15.1's own fit fails under MultiWorkerMirroredStrategy before any train function runs
+    # (its _maybe_symbolic_build reduces a PerReplica batch in eager mode): there each worker calls
+    # the train function's run() on its own shard. tf-keras's fit works, and shards the batches itself.
+    return "run" if hasattr(keras, "ops") else "fit"
+
+
+@pytest.mark.slow
+def test_two_localhost_workers_agree_and_match_one_worker(keras):
+    (one,), two = _workers("regression", _mode(keras), timeout=600)
+    assert [w["objective"] for w in two] == ["DistributedObjective"] * 2 and [w["chief"] for w in two] == [True, False]
+    assert two[0]["x"] == two[1]["x"] and two[0]["fun"] == two[1]["fun"]  # the same scipy loop, bit for bit
+    assert two[0]["rows"] == one["rows"] == 10  # the shards add up to the training set, once
+    np.testing.assert_allclose(two[0]["probe"], one["probe"], rtol=1e-12, atol=1e-14)  # f, g at a fixed point
+    np.testing.assert_allclose(two[0]["x"][:4], W_TRUE, atol=1e-5)
+    np.testing.assert_allclose(one["x"][:4], W_TRUE, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_two_localhost_workers_factorization_reaches_the_one_worker_loss(keras):
+    (one,), two = _workers("factorization", _mode(keras), timeout=900, shape=[60, 40, 900], width=4, maxiter=40,
+                           batch_size=128)
+    assert two[0]["x"] == two[1]["x"]
+    np.testing.assert_allclose(two[0]["probe"], one["probe"], rtol=1e-11, atol=1e-14)
+    np.testing.assert_allclose(two[0]["fun"], one["fun"], rtol=1e-6)

@@ -1,0 +1,189 @@
+"""Multi-worker full-batch runs on localhost: N worker processes under ``MultiWorkerMirroredStrategy``.
+
+Each worker is ``python -m keras_opt_ref.cluster --job JOB --out FILE`` with its own ``TF_CONFIG``
+(the cluster's ``localhost:port`` list and its index), as on real machines::
+
+    TF_CONFIG='{"cluster": {"worker": ["host0:12345", "host1:12345"]}, "task": {"type": "worker", "index": 0}}'
+
+Every worker builds the model under the strategy's scope and calls ``fit`` on the same arrays; the
+strategy's input pipeline hands each worker its own shard of the batches, and the objective
+all-reduces values, gradients and HVPs, so every worker runs the same scipy loop on the same numbers.
+:func:`launch` starts the workers (no ``TF_CONFIG`` and one worker: a plain single-device run, the
+comparison) and returns what each wrote. Used by tests/test_distributed.py and the benchmarks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+JOBS = ("regression", "factorization", "evaluations")
+
+
+def launch(job: str, workers: int, *, timeout: float = 600.0, **params: Any) -> list[dict[str, Any]]:
+    """Run ``job`` on ``workers`` localhost processes (1: no strategy) and return each one's result.
+
+    A worker that fails or does not finish within ``timeout`` seconds ends the run: the others are
+    stopped and the error names the worker with the tail of its output."""
+    ports = _free_ports(workers) if workers > 1 else []
+    with tempfile.TemporaryDirectory() as tmp:
+        procs = []
+        for index in range(workers):
+            env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "2"}
+            env.pop("TF_CONFIG", None)
+            if ports:
+                cluster = {"worker": [f"localhost:{p}" for p in ports]}
+                env["TF_CONFIG"] = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
+            out, log = Path(tmp) / f"worker{index}.json", Path(tmp) / f"worker{index}.log"
+            cmd = [sys.executable, "-m", "keras_opt_ref.cluster", "--job", job, "--out", str(out),
+                   "--params", json.dumps(params)]
+            procs.append((subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT), out, log))
+        deadline = time.monotonic() + timeout
+        try:
+            for index, (proc, _, log) in enumerate(procs):
+                code = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+                if code != 0:
+                    raise RuntimeError(f"worker {index} of {workers} exited with {code}:\n{_tail(log)}")
+        except subprocess.TimeoutExpired as exc:
+            raise RuntimeError(f"the {workers}-worker {job!r} run did not finish in {timeout:.0f} s") from exc
+        finally:
+            for proc, _, _ in procs:
+                if proc.poll() is None:
+                    proc.kill()
+        return [json.loads(out.read_text()) for _, out, _ in procs]
+
+
+def _free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("localhost", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def _tail(log: Path, lines: int = 60) -> str:
+    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+
+
+# ------------------------------------------------------------------ inside a worker
+def _worker(job: str, params: dict[str, Any]) -> dict[str, Any]:
+    import numpy as np
+    import tensorflow as tf
+
+    from . import _keras, core, scipy_optimizer, workloads
+
+    keras = _keras.default_keras()
+    if hasattr(keras, "config") and hasattr(keras.config, "disable_traceback_filtering"):
+        keras.config.disable_traceback_filtering()  # a worker's error is read from its log: keep all of it
+    strategy = tf.distribute.MultiWorkerMirroredStrategy() if "TF_CONFIG" in os.environ else None
+    scope = strategy.scope() if strategy is not None else _nothing()
+    dtype = params.get("dtype", "float64")
+    keras.backend.set_floatx(dtype)  # the loss computes in floatx: float64 end to end
+    if job == "regression":  # the README example
+        X, y = workloads.readme_regression()
+        with scope:
+            model = workloads.linear_model(keras, 4, dtype=dtype)
+            model.compile(loss="mse")
+        method = params.get("method", "trust-ncg")
+        model.train_function = scipy_optimizer.make_train_function(model, method=method, maxiter=params.get("maxiter"))
+        _train(model, X, y, strategy, params)
+        return _summary(model, strategy)
+    data = workloads.factorization_data(*params.get("shape", (200, 100, 4000)), seed=params.get("seed", 0))
+    with scope:
+        model = workloads.factorization_model(keras, data.n_users, data.n_items, width=params.get("width", 8),
+                                              dtype=dtype)
+        model.compile(loss="mse")
+    if job == "factorization":
+        model.train_function = scipy_optimizer.make_train_function(model, method="L-BFGS-B",
+                                                                   maxiter=params.get("maxiter", 50))
+        _train(model, data.x, data.ratings, strategy, params)
+        return _summary(model, strategy)
+    # "evaluations": the cost of one value-and-gradient on this worker's shard, and of the all-reduce alone
+    index = strategy.cluster_resolver.task_id if strategy is not None else 0
+    count = strategy.num_replicas_in_sync if strategy is not None else 1
+    rows = slice(index, None, count)  # this worker's shard of the ratings
+    x_local = [t[rows] for t in data.x]
+    objective = core.make_objective(model, x_local, data.ratings[rows], chunk_size=params.get("chunk_size", 8192))
+    x0 = objective.flat.read()
+    rounds = params.get("rounds", 30)
+    times = []
+    for i in range(rounds + 3):
+        start = time.perf_counter()
+        objective.value_and_grad(x0 + i * 1e-9)  # a new x each time: no memo
+        times.append(time.perf_counter() - start)
+    result = {"evaluation_ms": 1e3 * float(np.median(times[3:])), "size": objective.size,
+              "rows": int(objective.num_samples), "workers": count}
+    if strategy is not None:
+        reduce = tf.function(lambda v: strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(tf.identity, (v,)),
+                                                       axis=None))
+        v = tf.constant(x0.astype(np.float64))
+        times = []
+        for _ in range(rounds + 3):
+            start = time.perf_counter()
+            reduce(v).numpy()
+            times.append(time.perf_counter() - start)
+        result["all_reduce_ms"] = 1e3 * float(np.median(times[3:]))
+    return result
+
+
+def _train(model: Any, x: Any, y: Any, strategy: Any, params: dict[str, Any]) -> None:
+    """``fit`` on the whole arrays, unshuffled (the strategy's pipeline shards the batches), or (``"run"``) the
+    train function's own ``run`` on this worker's rows ``index::workers``."""
+    if params.get("mode", "fit") == "fit":
+        # shuffle=False: each worker would shuffle with its own seed before the pipeline shards the
+        # batches, and the workers' shards would not add up to the training set
+        model.fit(x, y, batch_size=params.get("batch_size", 4), epochs=1, verbose=0, shuffle=False)
+        return
+    index, count = (strategy.cluster_resolver.task_id, strategy.num_replicas_in_sync) if strategy else (0, 1)
+    shard = lambda t: t[index::count]  # noqa: E731
+    model.train_function.run([shard(t) for t in x] if isinstance(x, list) else shard(x), shard(y))
+
+
+def _summary(model: Any, strategy: Any) -> dict[str, Any]:
+    import numpy as np
+
+    train = model.train_function
+    result, objective = train.result, train.objective
+    f, g = objective.value_and_grad(np.full(objective.size, 0.5))  # every worker calls it: SPMD
+    return {
+        "probe": [float(f), *map(float, g)],
+        "rows": int(getattr(objective, "total_samples", objective.num_samples)),
+        "weights": [w.tolist() for w in model.get_weights()],
+        "x": [float(v) for v in result.x], "fun": float(result.fun), "nit": int(result.nit),
+        "nfev": int(result.nfev), "objective": type(train.objective).__name__,
+        "workers": strategy.num_replicas_in_sync if strategy is not None else 1,
+        "chief": strategy is None or strategy.cluster_resolver.task_id == 0,
+    }
+
+
+class _nothing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--job", choices=JOBS, required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--params", default="{}")
+    args = parser.parse_args(argv)
+    result = _worker(args.job, json.loads(args.params))
+    Path(args.out).write_text(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
