@@ -28,11 +28,13 @@ from typing import Any
 JOBS = ("regression", "factorization", "evaluations")
 
 
-def launch(job: str, workers: int, *, timeout: float = 600.0, **params: Any) -> list[dict[str, Any]]:
+def launch(job: str, workers: int, *, timeout: float = 600.0, allow_failures: bool = False,
+           **params: Any) -> list[dict[str, Any]]:
     """Run ``job`` on ``workers`` localhost processes (1: no strategy) and return each one's result.
 
-    A worker that fails or does not finish within ``timeout`` seconds ends the run: the others are
-    stopped and the error names the worker with the tail of its output."""
+    A worker that exits with an error ends the run with an error naming it and the tail of its output
+    (``allow_failures``: its result is ``{"exit_code": ..., "log": ...}`` instead). A run that does not
+    finish within ``timeout`` seconds is stopped."""
     ports = _free_ports(workers) if workers > 1 else []
     with tempfile.TemporaryDirectory() as tmp:
         procs = []
@@ -47,18 +49,22 @@ def launch(job: str, workers: int, *, timeout: float = 600.0, **params: Any) -> 
                    "--params", json.dumps(params)]
             procs.append((subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT), out, log))
         deadline = time.monotonic() + timeout
+        failed: dict[int, dict[str, Any]] = {}
         try:
             for index, (proc, _, log) in enumerate(procs):
                 code = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-                if code != 0:
+                if code != 0 and not allow_failures:
                     raise RuntimeError(f"worker {index} of {workers} exited with {code}:\n{_tail(log)}")
+                if code != 0:
+                    failed[index] = {"exit_code": code, "log": _tail(log)}
         except subprocess.TimeoutExpired as exc:
             raise RuntimeError(f"the {workers}-worker {job!r} run did not finish in {timeout:.0f} s") from exc
         finally:
             for proc, _, _ in procs:
                 if proc.poll() is None:
                     proc.kill()
-        return [json.loads(out.read_text()) for _, out, _ in procs]
+        return [failed.get(i) or {**json.loads(out.read_text()), "log": _tail(log)}
+                for i, (_, out, log) in enumerate(procs)]
 
 
 def _free_ports(count: int) -> list[int]:
@@ -71,7 +77,7 @@ def _free_ports(count: int) -> list[int]:
     return ports
 
 
-def _tail(log: Path, lines: int = 60) -> str:
+def _tail(log: Path, lines: int = 200) -> str:
     return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
 
 
@@ -87,6 +93,8 @@ def _worker(job: str, params: dict[str, Any]) -> dict[str, Any]:
         keras.config.disable_traceback_filtering()  # a worker's error is read from its log: keep all of it
     strategy = tf.distribute.MultiWorkerMirroredStrategy() if "TF_CONFIG" in os.environ else None
     scope = strategy.scope() if strategy is not None else _nothing()
+    if params.get("fail_after") is not None and strategy is not None and strategy.cluster_resolver.task_id == 1:
+        _die_after(params["fail_after"])  # a worker that fails mid-run (tests)
     dtype = params.get("dtype", "float64")
     keras.backend.set_floatx(dtype)  # the loss computes in floatx: float64 end to end
     if job == "regression":  # the README example
@@ -95,9 +103,9 @@ def _worker(job: str, params: dict[str, Any]) -> dict[str, Any]:
             model = workloads.linear_model(keras, 4, dtype=dtype)
             model.compile(loss="mse")
         method = params.get("method", "trust-ncg")
-        model.train_function = scipy_optimizer.make_train_function(model, method=method, maxiter=params.get("maxiter"))
-        _train(model, X, y, strategy, params)
-        return _summary(model, strategy)
+        model.train_function = scipy_optimizer.make_train_function(model, method=method, maxiter=params.get("maxiter"),
+                                                                   verbose=params.get("verbose", 0))
+        return _train(model, X, y, strategy, params) or _summary(model, strategy)
     data = workloads.factorization_data(*params.get("shape", (200, 100, 4000)), seed=params.get("seed", 0))
     with scope:
         model = workloads.factorization_model(keras, data.n_users, data.n_items, width=params.get("width", 8),
@@ -106,8 +114,7 @@ def _worker(job: str, params: dict[str, Any]) -> dict[str, Any]:
     if job == "factorization":
         model.train_function = scipy_optimizer.make_train_function(model, method="L-BFGS-B",
                                                                    maxiter=params.get("maxiter", 50))
-        _train(model, data.x, data.ratings, strategy, params)
-        return _summary(model, strategy)
+        return _train(model, data.x, data.ratings, strategy, params) or _summary(model, strategy)
     # "evaluations": the cost of one value-and-gradient on this worker's shard, and of the all-reduce alone
     index = strategy.cluster_resolver.task_id if strategy is not None else 0
     count = strategy.num_replicas_in_sync if strategy is not None else 1
@@ -136,9 +143,29 @@ def _worker(job: str, params: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def _train(model: Any, x: Any, y: Any, strategy: Any, params: dict[str, Any]) -> None:
-    """``fit`` on the whole arrays, unshuffled (the strategy's pipeline shards the batches), or (``"run"``) the
-    train function's own ``run`` on this worker's rows ``index::workers``."""
+def _train(model: Any, x: Any, y: Any, strategy: Any, params: dict[str, Any]) -> dict[str, Any] | None:
+    """``fit`` on the whole arrays, unshuffled (the strategy's pipeline shards the batches), or
+    (``"run"``) the train function's own ``run`` on this worker's rows ``index::workers``. If the run
+    raises: what it raised and where it left the model."""
+    start = [w.copy() for w in model.get_weights()]
+    try:
+        _fit_or_run(model, x, y, strategy, params)
+    except Exception as exc:  # noqa: BLE001 -- reported to the launcher
+        import numpy as np
+
+        train = model.train_function
+        objective = train.objective
+        return {"error": type(exc).__name__, "message": str(exc)[:2000],
+                "chief": strategy is None or strategy.cluster_resolver.task_id == 0,
+                "best_value": float(objective.best_value),
+                "left_at_best": bool(np.array_equal(objective.flat.read(), objective.best_x)),
+                "message_of_result": train.result.message if train.result is not None else None,
+                # the start is the first point evaluated: the best point differs only if it is lower
+                "moved_from_start": not all(np.array_equal(a, b) for a, b in zip(start, model.get_weights()))}
+    return None
+
+
+def _fit_or_run(model: Any, x: Any, y: Any, strategy: Any, params: dict[str, Any]) -> None:
     if params.get("mode", "fit") == "fit":
         # shuffle=False: each worker would shuffle with its own seed before the pipeline shards the
         # batches, and the workers' shards would not add up to the training set
@@ -147,6 +174,20 @@ def _train(model: Any, x: Any, y: Any, strategy: Any, params: dict[str, Any]) ->
     index, count = (strategy.cluster_resolver.task_id, strategy.num_replicas_in_sync) if strategy else (0, 1)
     shard = lambda t: t[index::count]  # noqa: E731
     model.train_function.run([shard(t) for t in x] if isinstance(x, list) else shard(x), shard(y))
+
+
+def _die_after(evaluations: int) -> None:
+    from .objective import FullBatchObjective
+
+    compute, calls = FullBatchObjective._compute_value_and_grad, [0]
+
+    def dying(self: Any, x: Any) -> Any:
+        calls[0] += 1
+        if calls[0] > evaluations:
+            os._exit(3)
+        return compute(self, x)
+
+    FullBatchObjective._compute_value_and_grad = dying
 
 
 def _summary(model: Any, strategy: Any) -> dict[str, Any]:

@@ -30,9 +30,10 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from .objective import FullBatchObjective, _map_data
+from . import checks
+from .objective import PEER_ERRORS, FullBatchObjective, _map_data
 
-__all__ = ["DistributedObjective", "strategy_of"]
+__all__ = ["DistributedObjective", "WorkerFailedError", "strategy_of"]
 
 _SUM = tf.distribute.ReduceOp.SUM
 
@@ -46,6 +47,10 @@ def strategy_of(model: Any) -> Any:
         if isinstance(var, tf.distribute.DistributedValues):
             return var.distribute_strategy
     return None
+
+
+class WorkerFailedError(RuntimeError):
+    """Another worker of a multi-worker run failed: the all-reduce cannot complete."""
 
 
 class DistributedObjective(FullBatchObjective):
@@ -141,6 +146,11 @@ class DistributedObjective(FullBatchObjective):
         return task * len(self.strategy.extended.worker_devices)
 
     @property
+    def is_chief(self) -> bool:
+        """Whether this process is worker 0 (or the only one): the one that prints progress."""
+        return self._first_replica_id() == 0
+
+    @property
     def data(self) -> tuple[Any, Any, Any]:
         """This process's training set ``(x, y, sample_weight)`` as tensors."""
         return self._data
@@ -172,6 +182,17 @@ class DistributedObjective(FullBatchObjective):
             concrete = self._functions[name].get_concrete_function(self._replica_data, *specs.get(name, (spec,)))
             fn = self._concrete[name] = lambda *args: concrete(self._replica_data, *args)
         return fn
+
+    def _run(self, name: str, *args: tf.Tensor) -> tf.Tensor:
+        try:
+            return super()._run(name, *args)
+        except PEER_ERRORS as exc:
+            raise WorkerFailedError(
+                f"A worker of this {self.strategy.num_replicas_in_sync}-replica {type(self.strategy).__name__} run "
+                f"failed or stopped answering ({checks.summary(exc)}), so the all-reduce of the objective cannot "
+                "complete and this worker stops too. The train function leaves the model at the best point found so "
+                "far (train.result.x); restart every worker to go on from there."
+            ) from exc
 
     def _over_chunks(self, chunk_fn: Any) -> tuple:
         """Inside the outer graph: ``chunk_fn(chunk, share)`` summed over every replica's chunks

@@ -55,6 +55,9 @@ __all__ = [
 ]
 
 HVP_MODES = methods.HVP_MODES
+# What a collective raises when another worker of a tf.distribute run is gone: not XLA's fault.
+PEER_ERRORS = (tf.errors.UnavailableError, tf.errors.AbortedError, tf.errors.CancelledError,
+               tf.errors.DeadlineExceededError)
 
 
 class FullBatchObjective(Objective):
@@ -277,7 +280,7 @@ class FullBatchObjective(Objective):
         try:
             return self._concrete_function(name)(*args)
         except tf.errors.OpError as exc:
-            if not (self._xla_fallback and self.jit_compile and name != "hessian"):
+            if not (self._xla_fallback and self.jit_compile and name != "hessian") or isinstance(exc, PEER_ERRORS):
                 raise
             self.jit_compile = False
             self._build_functions()

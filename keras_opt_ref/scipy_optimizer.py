@@ -473,6 +473,8 @@ class _Progress:
 
     def __init__(self, owner: ScipyTrainFunction, objective: FullBatchObjective) -> None:
         self.owner, self.objective = owner, objective
+        # On several workers only the chief prints (each runs the same loop on the same numbers).
+        self.verbose = owner.verbose and getattr(objective, "is_chief", True)
         self.iteration = 0
         self.started = 0.0
         self.trace: list[tuple[float, float]] = [(0.0, math.nan)]
@@ -481,7 +483,7 @@ class _Progress:
         self.started = time.perf_counter()
         cached = self.objective.cached(x0)
         self.trace = [(0.0, cached[0] if cached is not None else math.nan)]
-        if self.owner.verbose:
+        if self.verbose:
             obj = self.objective
             _print(
                 f"scipy {self.owner.method.name}: {obj.size} weights, {obj.num_samples} samples\n"
@@ -498,7 +500,7 @@ class _Progress:
         else:  # TNC, SLSQP and COBYLA pass only x
             x, fun = intermediate_result, None
         obj = self.objective
-        verbose = self.owner.verbose
+        verbose = self.verbose
         cached = obj.cached(x) if fun is None or verbose else None  # the memo: no extra evaluation
         if fun is None and cached is not None:
             fun = cached[0]
@@ -510,7 +512,7 @@ class _Progress:
         _print(f"{self.iteration:>6} {fun:>14.8g} {grad_norm:>10.3e} {obj.nfev:>6} {obj.nhvp:>6}")
 
     def stop(self, result: Any) -> None:
-        if self.owner.verbose:
+        if self.verbose:
             _print(
                 f"{self.owner.method.name} stopped: {result.get('message', '')} "
                 f"(loss {float(result.fun):.8g}, nit={result['nit']}, nfev={result['nfev']}, "

@@ -162,7 +162,8 @@ def _mode(keras):
 
 @pytest.mark.slow
 def test_two_localhost_workers_agree_and_match_one_worker(keras):
-    (one,), two = _workers("regression", _mode(keras), timeout=600)
+    (one,), two = _workers("regression", _mode(keras), timeout=600, verbose=1)
+    assert "scipy trust-ncg" in two[0]["log"] and "scipy trust-ncg" not in two[1]["log"]  # only the chief prints
     assert [w["objective"] for w in two] == ["DistributedObjective"] * 2 and [w["chief"] for w in two] == [True, False]
     assert two[0]["x"] == two[1]["x"] and two[0]["fun"] == two[1]["fun"]  # the same scipy loop, bit for bit
     assert two[0]["rows"] == one["rows"] == 10  # the shards add up to the training set, once
@@ -178,3 +179,15 @@ def test_two_localhost_workers_factorization_reaches_the_one_worker_loss(keras):
     assert two[0]["x"] == two[1]["x"]
     np.testing.assert_allclose(two[0]["probe"], one["probe"], rtol=1e-11, atol=1e-14)
     np.testing.assert_allclose(two[0]["fun"], one["fun"], rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_a_failed_worker_ends_the_run_with_a_clear_error_and_the_best_point(keras):
+    from keras_opt_ref import cluster
+
+    chief, dead = cluster.launch("factorization", 2, timeout=600, allow_failures=True, mode=_mode(keras),
+                                 shape=[60, 40, 900], width=4, maxiter=40, batch_size=128, fail_after=5)
+    assert dead["exit_code"] == 3  # worker 1 died at its 6th evaluation
+    assert chief["error"] == "WorkerFailedError" and chief["chief"]
+    assert "failed or stopped answering" in chief["message"] and "restart every worker" in chief["message"]
+    assert chief["left_at_best"] and chief["moved_from_start"] and np.isfinite(chief["best_value"])
