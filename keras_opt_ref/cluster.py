@@ -92,6 +92,11 @@ def _worker(job: str, params: dict[str, Any]) -> dict[str, Any]:
     if hasattr(keras, "config") and hasattr(keras.config, "disable_traceback_filtering"):
         keras.config.disable_traceback_filtering()  # a worker's error is read from its log: keep all of it
     strategy = tf.distribute.MultiWorkerMirroredStrategy() if "TF_CONFIG" in os.environ else None
+    replicas = params.get("replicas", 1)
+    if strategy is None and replicas > 1:  # one process, several logical CPU devices: MirroredStrategy
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * replicas)
+        strategy = tf.distribute.MirroredStrategy([d.name for d in tf.config.list_logical_devices("CPU")])
     scope = strategy.scope() if strategy is not None else _nothing()
     if params.get("fail_after") is not None and strategy is not None and strategy.cluster_resolver.task_id == 1:
         _die_after(params["fail_after"])  # a worker that fails mid-run (tests)
@@ -116,9 +121,9 @@ def _worker(job: str, params: dict[str, Any]) -> dict[str, Any]:
                                                                    maxiter=params.get("maxiter", 50))
         return _train(model, data.x, data.ratings, strategy, params) or _summary(model, strategy)
     # "evaluations": the cost of one value-and-gradient on this worker's shard, and of the all-reduce alone
-    index = strategy.cluster_resolver.task_id if strategy is not None else 0
-    count = strategy.num_replicas_in_sync if strategy is not None else 1
-    rows = slice(index, None, count)  # this worker's shard of the ratings
+    resolver = strategy.cluster_resolver if strategy is not None else None
+    index, count = (resolver.task_id, strategy.num_replicas_in_sync) if resolver is not None else (0, 1)
+    rows = slice(index, None, count)  # this worker's shard of the ratings (all of them in one process)
     x_local = [t[rows] for t in data.x]
     objective = core.make_objective(model, x_local, data.ratings[rows], chunk_size=params.get("chunk_size", 8192))
     x0 = objective.flat.read()
@@ -129,7 +134,8 @@ def _worker(job: str, params: dict[str, Any]) -> dict[str, Any]:
         objective.value_and_grad(x0 + i * 1e-9)  # a new x each time: no memo
         times.append(time.perf_counter() - start)
     result = {"evaluation_ms": 1e3 * float(np.median(times[3:])), "size": objective.size,
-              "rows": int(objective.num_samples), "workers": count}
+              "rows": int(objective.num_samples), "workers": count, "replicas": replicas if count == 1 else count,
+              "objective": type(objective).__name__}
     if strategy is not None:
         reduce = tf.function(lambda v: strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(tf.identity, (v,)),
                                                        axis=None))
@@ -161,7 +167,8 @@ def _train(model: Any, x: Any, y: Any, strategy: Any, params: dict[str, Any]) ->
                 "left_at_best": bool(np.array_equal(objective.flat.read(), objective.best_x)),
                 "message_of_result": train.result.message if train.result is not None else None,
                 # the start is the first point evaluated: the best point differs only if it is lower
-                "moved_from_start": not all(np.array_equal(a, b) for a, b in zip(start, model.get_weights()))}
+                "moved_from_start": not all(np.array_equal(a, b)
+                                            for a, b in zip(start, model.get_weights(), strict=True))}
     return None
 
 
@@ -215,12 +222,47 @@ class _nothing:
         return None
 
 
+# ------------------------------------------------------------------ the scaling benchmark
+def scaling(size: str = "large", rounds: int = 30) -> list[dict[str, Any]]:
+    """Seconds per value-and-gradient on the factorization at ``size``: 1 and 2 replicas (one process,
+    MirroredStrategy), 1 and 2 localhost workers (MultiWorkerMirroredStrategy), with the all-reduce
+    of one gradient alone; float32, as users train it."""
+    from .workloads import FACTORIZATION_SIZES
+
+    params = {"shape": list(FACTORIZATION_SIZES[size]), "width": 16, "dtype": "float32", "rounds": rounds}
+    rows = []
+    for label, workers, replicas in (("1 device", 1, 1), ("2 replicas", 1, 2), ("2 workers", 2, 1)):
+        result = launch("evaluations", workers, timeout=1800, replicas=replicas, **params)[0]
+        result.pop("log", None)
+        rows.append({"setup": label, **result})
+    return rows
+
+
+def scaling_table(rows: list[dict[str, Any]]) -> str:
+    base = rows[0]["evaluation_ms"]
+    lines = ["| setup | ratings per worker | eval ms | vs 1 device | all-reduce ms | all-reduce share |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        reduce = r.get("all_reduce_ms")
+        cells = [r["setup"], str(r["rows"]), f"{r['evaluation_ms']:.2f}", f"{r['evaluation_ms'] / base:.2f}x",
+                 f"{reduce:.2f}" if reduce else "-", f"{reduce / r['evaluation_ms']:.0%}" if reduce else "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--job", choices=JOBS, required=True)
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--job", choices=JOBS, help="run one worker of a job (launch() starts them)")
+    parser.add_argument("--out", help="where the worker writes its result")
     parser.add_argument("--params", default="{}")
+    parser.add_argument("--bench", metavar="SIZE", help="the scaling benchmark on the factorization at SIZE")
     args = parser.parse_args(argv)
+    if args.bench:
+        rows = scaling(args.bench)
+        print(scaling_table(rows))
+        if args.out:
+            Path(args.out).write_text(json.dumps(rows, indent=1))
+        return 0
     result = _worker(args.job, json.loads(args.params))
     Path(args.out).write_text(json.dumps(result))
     return 0
