@@ -7,12 +7,29 @@ import os
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# KERAS_OPT_STRATEGY=mirrored: every check runs inside a tf.distribute.MirroredStrategy's scope over
+# two logical CPU devices (configured here, before TensorFlow initializes its devices), so the
+# implementation is handed models whose variables are mirrored.
+STRATEGY = os.environ.get("KERAS_OPT_STRATEGY", "")
+if STRATEGY:
+    if STRATEGY != "mirrored":
+        raise ValueError(f"KERAS_OPT_STRATEGY={STRATEGY!r}: the suite knows 'mirrored' only")
+    import tensorflow as tf
+
+    tf.config.set_logical_device_configuration(
+        tf.config.list_physical_devices("CPU")[0], [tf.config.LogicalDeviceConfiguration()] * 2)
 
 
 @pytest.fixture(autouse=True)
 def _fresh_keras(keras):
     keras.utils.set_random_seed(7)
-    yield
+    if STRATEGY:
+        import tensorflow as tf
+
+        with tf.distribute.MirroredStrategy([d.name for d in tf.config.list_logical_devices("CPU")[:2]]).scope():
+            yield
+    else:
+        yield
     keras.backend.clear_session()
 
 

@@ -24,10 +24,46 @@ def set_trainable_vector(model, x: np.ndarray) -> None:
 
 
 def keras_loss(model, x, y=None, sample_weight=None) -> float:
-    """Keras's own loss over the whole data set in one batch."""
+    """Keras's own loss over the whole data set in one batch: ``model.evaluate(batch_size=N)``; for
+    a model under a tf.distribute strategy, ``model.compute_loss`` on all of it, outside the strategy
+    (Keras's evaluate splits the batch over the replicas and fails on uneven parts; inside the
+    strategy's scope Keras divides its loss by the number of replicas)."""
+    if under_a_strategy(model):
+        return _outside_any_strategy(lambda: float(model.compute_loss(
+            x=x, y=y, y_pred=model(x, training=False), sample_weight=sample_weight)))
     n = len(_first_leaf(x))
     out = model.evaluate(x, y, sample_weight=sample_weight, batch_size=n, verbose=0)
     return float(out[0] if isinstance(out, (list, tuple)) else out)
+
+
+def under_a_strategy(model) -> bool:
+    """Whether the model's variables belong to a tf.distribute strategy (TensorFlow backend)."""
+    try:
+        import tensorflow as tf
+    except ImportError:
+        return False
+    variables = model.trainable_variables
+    return bool(variables) and isinstance(getattr(variables[0], "value", variables[0]), tf.distribute.DistributedValues)
+
+
+def _outside_any_strategy(fn):
+    """``fn()`` in a fresh thread: tf.distribute scopes are per thread, so none is active there."""
+    import threading
+
+    out: dict = {}
+
+    def run():
+        try:
+            out["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 -- re-raised in the caller's thread
+            out["error"] = exc
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
 
 
 @contextmanager
@@ -103,7 +139,7 @@ def working_precision(keras) -> str:
     model.compile(loss="mse")
     w1, b1, w2, b2 = (np.asarray(w, dtype=np.float64) for w in model.get_weights())
     expected = float(np.mean((np.tanh(x @ w1 + b1) @ w2 + b2 - y) ** 2))
-    got = float(model.evaluate(x, y, batch_size=9, verbose=0))
+    got = keras_loss(model, x, y)
     return "float64" if abs(got - expected) <= 1e-13 * abs(expected) else "float32"
 
 
