@@ -42,14 +42,17 @@ def floor_function(objective: Any) -> Any:
 
         state = ([v.value for v in model.non_trainable_variables], [v.value for v in model.metrics_variables])
 
-        def loss(trainable):
+        def loss(trainable, x, y, sample_weight):
             return model.compute_loss_and_updates(trainable, *state, x, y, sample_weight, training=False)[0]
 
+        # The data as arguments, as plain JAX code takes it (and as the TF floor reads it): closed over,
+        # jit would bake it into the executable as constants, recompiled for every new data set.
         value_and_grad = jax.jit(jax.value_and_grad(loss))
         trainable = [v.value for v in model.trainable_variables]
+        args = jax.tree.map(jax.numpy.asarray, (x, y, sample_weight))
 
         def call():
-            f, g = value_and_grad(trainable)
+            f, g = value_and_grad(trainable, *args)
             return float(f), np.concatenate([np.asarray(t, np.float64).ravel() for t in g])
 
         return call
