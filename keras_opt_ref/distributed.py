@@ -108,7 +108,7 @@ class DistributedObjective(FullBatchObjective):
                     (shard["head"], shard["tail"], tf.constant(shares[:-1]), tf.constant(shares[-1]),
                      tf.constant(extra, tf.float64))))
         self._replica_data = self.strategy.experimental_distribute_values_from_function(
-            lambda ctx: pieces[ctx.replica_id_in_sync_group % len(pieces)])
+            lambda ctx: pieces[ctx.replica_id_in_sync_group - first])
         self._chunk_rows = rows
         self._concrete = {}  # the functions take the data as an argument: new shapes, new traces
 
@@ -140,10 +140,14 @@ class DistributedObjective(FullBatchObjective):
         return self.strategy.reduce(_SUM, per_replica, axis=None).numpy()
 
     def _first_replica_id(self) -> int:
-        """The global id of this process's first replica (0 on one machine)."""
-        resolver = self.strategy.cluster_resolver
-        task = resolver.task_id if resolver is not None and resolver.task_id is not None else 0
-        return task * len(self.strategy.extended.worker_devices)
+        """The global id of this process's first replica (0 on one machine, and on the chief), as the
+        strategy numbers its replicas (a cluster with a "chief" task puts it first)."""
+        if getattr(self, "_first_id", None) is None:
+            ids: list[int] = []
+            self.strategy.experimental_distribute_values_from_function(
+                lambda ctx: ids.append(ctx.replica_id_in_sync_group) or tf.constant(0))
+            self._first_id = min(ids)
+        return self._first_id
 
     @property
     def is_chief(self) -> bool:
