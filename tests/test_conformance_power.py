@@ -60,6 +60,9 @@ def test_suite_kills_mutant_and_says_why(mutant):
     expected = MUTANTS[mutant]
     checks = None if EVERY_CHECK in expected else list(expected)
     run = report.run_suite(f"{report.MUTANT_PACKAGE}.{mutant}", checks=checks)
+    if checks and all(run["tests"].get(c, {}).get("outcome") == "skip" for c in checks):
+        # e.g. one_run_per_call on torch: steps_per_execution, the check that catches it, is a Keras limit there
+        pytest.skip(f"every check that catches {mutant} is skipped on this backend: {checks}")
     _assert_diagnosed(mutant, run, expected)
 
 
