@@ -15,6 +15,7 @@ comparison) and returns what each wrote. Used by tests/test_distributed.py and t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import socket
@@ -97,7 +98,7 @@ def _worker(job: str, params: dict[str, Any]) -> dict[str, Any]:
         cpu = tf.config.list_physical_devices("CPU")[0]
         tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * replicas)
         strategy = tf.distribute.MirroredStrategy([d.name for d in tf.config.list_logical_devices("CPU")])
-    scope = strategy.scope() if strategy is not None else _nothing()
+    scope = strategy.scope() if strategy is not None else contextlib.nullcontext()
     if params.get("fail_after") is not None and strategy is not None and strategy.cluster_resolver.task_id == 1:
         _die_after(params["fail_after"])  # a worker that fails mid-run (tests)
     dtype = params.get("dtype", "float64")
@@ -212,14 +213,6 @@ def _summary(model: Any, strategy: Any) -> dict[str, Any]:
         "workers": strategy.num_replicas_in_sync if strategy is not None else 1,
         "chief": strategy is None or strategy.cluster_resolver.task_id == 0,
     }
-
-
-class _nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
 
 
 # ------------------------------------------------------------------ the scaling benchmark

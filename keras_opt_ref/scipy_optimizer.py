@@ -36,6 +36,7 @@ import scipy.sparse.linalg
 import tensorflow as tf
 
 from . import _keras, checks, core, methods
+from .distributed import strategy_of
 from .flat import FlatVariables
 from .least_squares import DEFAULT_MAX_JACOBIAN_BYTES, LeastSquaresObjective
 from .objective import (
@@ -204,7 +205,7 @@ class ScipyTrainFunction:
                 "epoch's training set would never end. Pass steps_per_epoch=... (that many batches form each "
                 "epoch's training set), or repeat the dataset a finite number of times."
             )
-        strategy = _strategy(self.model) if self.backend == "tensorflow" else None
+        strategy = strategy_of(self.model) if self.backend == "tensorflow" else None
         batches = first + _take(iterator, None if steps is None else steps - len(first), self.max_data_bytes, strategy)
         self._iterator = iterator
         self._calls_left = math.ceil(steps / _keras.steps_per_execution(self.model)) - 1 if steps else 0
@@ -338,7 +339,7 @@ class ScipyTrainFunction:
 
     def _check_distribution(self) -> None:
         """Least squares holds one Jacobian of all residuals on one device: not under a strategy."""
-        if self._least_squares and self.backend == "tensorflow" and _strategy(self.model) is not None:
+        if self._least_squares and self.backend == "tensorflow" and strategy_of(self.model) is not None:
             what = "hessian='gauss-newton'" if self.hessian == "gauss-newton" else f"method={self.method.name!r}"
             raise ValueError(
                 f"{what} (least squares) is not available for a model under a tf.distribute strategy: its residuals "
@@ -680,12 +681,6 @@ def _take(iterator: Any, count: int | None, max_bytes: int, strategy: Any = None
             blocks.append(_concatenate(batches))
             batches = []
     return blocks + batches
-
-
-def _strategy(model: Any) -> Any:
-    from .distributed import strategy_of
-
-    return strategy_of(model) if model.built else None
 
 
 def _concatenate(batches: list[tuple[Any, Any, Any]]) -> tuple[Any, Any, Any]:
