@@ -218,7 +218,11 @@ class FullBatchObjective(Objective):
         n, c = self.num_samples, self.chunk_size
         try:
             for start in range(0, n, c):
-                self._check_function(_map_data(lambda t, s=start: t[s : s + c], data))
+                batch = _map_data(lambda t, s=start: t[s : s + c], data)
+                # Called as a concrete function: tf.function's retracing detector keys on the method's
+                # code, so calling it would count every objective's traces (one per chunk shape)
+                # together and warn on the sixth model fitted in a process.
+                self._check_function.get_concrete_function(batch)(batch)
         except (tf.errors.OpError, ValueError, TypeError) as exc:
             raise ValueError(
                 f"The model cannot evaluate its training data ({checks.summary(exc)}). Check the inputs' "

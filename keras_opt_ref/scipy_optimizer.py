@@ -27,6 +27,7 @@ import math
 import sys
 import time
 import warnings
+import weakref
 from collections import Counter
 from typing import Any
 
@@ -54,6 +55,22 @@ METHODS = methods.METHOD_NAMES  # scipy.optimize.minimize
 LEAST_SQUARES_METHODS = tuple(m.name for m in methods.LEAST_SQUARES_METHODS)  # scipy.optimize.least_squares
 HESSIANS = ("exact", "gauss-newton")  # what hess/hessp compute for the minimize methods
 COUNTS = ("nit", "nfev", "njev", "nhev")  # per-epoch counts in the logs and history
+
+
+def _held_weakly(source: Any) -> Any:
+    """A callable returning ``source`` while something else keeps it alive, then ``None``.
+
+    fit's epoch iterator owns tf.data's threads and buffers. Held strongly here it lived as long as
+    the model, six threads each, and a later garbage collection that freed it waited for tf.data's
+    autotuning thread, whose sleep grows to a minute (measured: a gc.collect of 40 s inside the test
+    run). Only identity is needed, so fit alone owns it. Objects without weak references (plain
+    Python iterators) own no TensorFlow resources and are held as they are."""
+    if source is None:
+        return lambda: None
+    try:
+        return weakref.ref(source)
+    except TypeError:
+        return lambda: source
 
 
 class _NonFinite(Exception):
@@ -138,7 +155,7 @@ class ScipyTrainFunction:
         self.objective: FullBatchObjective | None = None
         self.result: scipy.optimize.OptimizeResult | None = None
         self.results: list[scipy.optimize.OptimizeResult] = []
-        self._iterator: Any = None
+        self._source = _held_weakly(None)  # what fit is iterating this epoch (its iterator; torch: its History)
         self._calls_left = 0
         self._logs: dict[str, Any] = {}
         if model.built:
@@ -179,8 +196,8 @@ class ScipyTrainFunction:
                 "known length."
             )
         history = getattr(self.model, "history", None)
-        if self._iterator is not history:  # a new fit: start collecting afresh
-            self._iterator, self._batches = history, []
+        if self._source() is not history:  # a new fit: start collecting afresh
+            self._source, self._batches = _held_weakly(history), []
         self._batches.extend(data)
         if len(self._batches) < steps:
             return self._logs
@@ -190,7 +207,7 @@ class ScipyTrainFunction:
     def _epoch(self, iterator: Any) -> dict[str, Any]:
         steps = _keras.fit_steps_per_epoch(self.model)
         first = []
-        if iterator is self._iterator:
+        if iterator is self._source():
             if self._calls_left > 0:
                 # Same epoch: Keras calls once per step; the work is done.
                 self._calls_left -= 1
@@ -207,7 +224,7 @@ class ScipyTrainFunction:
             )
         strategy = strategy_of(self.model) if self.backend == "tensorflow" else None
         batches = first + _take(iterator, None if steps is None else steps - len(first), self.max_data_bytes, strategy)
-        self._iterator = iterator
+        self._source = _held_weakly(iterator)
         self._calls_left = math.ceil(steps / _keras.steps_per_execution(self.model)) - 1 if steps else 0
         return self._optimize(batches if self.backend == "tensorflow" else _keras.numpy_batches(batches))
 

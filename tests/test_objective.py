@@ -263,3 +263,25 @@ def test_new_data_shapes_rebuild_the_graphs(keras):
     obj.set_data(X[:21], y[:21])
     assert obj.num_samples == 21
     assert obj.value(x0) == pytest.approx(full_batch_loss(model, X[:21], y[:21]), rel=1e-6)
+
+
+def test_many_objectives_in_one_process_trace_without_tensorflows_retracing_warning(keras):
+    """A hyperparameter search builds an objective per model: each traces its data check once per
+    chunk shape, which is not retracing, and TensorFlow must not say it is."""
+    import logging
+
+    X, y = regression()
+    records = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    logger = logging.getLogger("tensorflow")
+    logger.addHandler(handler)
+    try:
+        for _ in range(8):
+            model = small_mlp(keras)
+            model.compile(loss="mse")
+            FullBatchObjective(model, X, y, chunk_size=20)  # two chunk shapes: 20 rows and the 10-row tail
+    finally:
+        logger.removeHandler(handler)
+    messages = [r.getMessage() for r in records]
+    assert not [m for m in messages if "retracing" in m], messages

@@ -261,3 +261,31 @@ def test_bounds_hold_exactly_for_float32_weights(keras, method):
     w = model.get_weights()[0].astype(np.float64)
     assert np.all(w >= -0.2) and np.all(w <= 0.3), w
     np.testing.assert_allclose(model.train_function.result.fun, full_batch_loss(model, X, y), rtol=1e-6)
+
+
+def test_fit_keeps_nothing_alive_after_it_returns(keras):
+    """A hyperparameter loop must not accumulate: fit's epoch iterator (tf.data threads and buffers)
+    is released as soon as fit lets go of it, while the model and its train function live on; the
+    model, its train function and objective are released once the user drops them."""
+    import gc
+    import weakref
+
+    X, y = regression()
+    model = small_mlp(keras)
+    model.compile(loss="mse")
+    train = scipy_optimizer.make_train_function(model, method="L-BFGS-B", maxiter=5)
+    sources = []
+
+    def spy(*args):  # what fit hands the train function, held weakly
+        sources.append(weakref.ref(args[0]))
+        return train(*args)
+
+    model.train_function = spy
+    model.fit(X, y, batch_size=16, epochs=2, verbose=0)
+    gc.collect()
+    assert len(sources) == 2 * 4 and train.objective is not None
+    assert all(ref() is None for ref in sources), "an epoch iterator outlived fit: the library still holds it"
+    refs = [weakref.ref(o) for o in (model, train, train.objective)]
+    del model, train, spy
+    gc.collect()
+    assert [ref() is None for ref in refs] == [True, True, True], "model / train function / objective not released"
