@@ -276,7 +276,7 @@ def test_fit_keeps_nothing_alive_after_it_returns(keras):
     train = scipy_optimizer.make_train_function(model, method="L-BFGS-B", maxiter=5)
     sources = []
 
-    def spy(*args):  # what fit hands the train function, held weakly
+    def spy(*args, train=train):  # what fit hands the train function, held weakly
         sources.append(weakref.ref(args[0]))
         return train(*args)
 

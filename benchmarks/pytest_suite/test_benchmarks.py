@@ -4,6 +4,10 @@
 run counts, so that ``--benchmark-json`` / ``--benchmark-autosave`` keep them beside the
 timings for ``--benchmark-compare``. With ``--benchmark-disable`` every benchmark runs once,
 untimed (CI), and the ratios are measured with a single round.
+
+This folder has no ``__init__.py`` on purpose: asv discovers its suite by importing every module of
+the ``benchmarks`` package, and its environments have no pytest. ``benchmarks._common`` is importable
+here because pytest puts the repository root on ``sys.path`` for ``benchmarks/conftest.py``.
 """
 
 from __future__ import annotations
@@ -13,9 +17,8 @@ import math
 import numpy as np
 import pytest
 
+from benchmarks._common import ADAM_SECONDS, RUN_MAXITER, SIZES, WORKLOADS
 from keras_opt_ref import FullBatchObjective, alternatives, baselines, bench, same_math, workloads
-
-from ._common import ADAM_SECONDS, RUN_MAXITER, SIZES, WORKLOADS
 
 
 def _rounds(benchmark, timed: int) -> int:
