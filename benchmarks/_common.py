@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
 # Seconds of Adam per configuration for the time-to-target benchmark. CI shortens it
 # (KERAS_OPT_BENCH_ADAM_SECONDS=3) so that every benchmark still runs once, untimed.
 ADAM_SECONDS = float(os.environ.get("KERAS_OPT_BENCH_ADAM_SECONDS", "60"))
