@@ -6,7 +6,8 @@ import math
 
 import numpy as np
 
-from keras_opt_ref import FullBatchObjective, alternatives, baselines, bench, workloads
+from keras_opt_ref import TensorFlowObjective
+from keras_opt_ref.bench import alternatives, baselines, measure, workloads
 
 from ._common import ADAM_SECONDS, RUN_MAXITER
 
@@ -20,15 +21,15 @@ class HandWritten:
     def setup(self, name):
         w = workloads.make_workload(name, "medium")
         self.workload = w
-        objective = FullBatchObjective(w.model, w.x, w.y)
-        self.manual = bench.hand_written(w, objective.flat)
-        self.point = bench.cycling_points(objective.flat.read(), 7)
+        objective = TensorFlowObjective(w.model, w.x, w.y)
+        self.manual = measure.hand_written(w, objective.flat)
+        self.point = measure.cycling_points(objective.flat.read(), 7)
 
     def time_hand_written_loss_and_gradient(self, name):
         self.manual.value_and_grad(self.point())
 
     def track_reference_over_hand_written(self, name):
-        return bench.hand_written_costs(self.workload, rounds=9)["reference / hand-written"].median
+        return measure.hand_written_costs(self.workload, rounds=9)["reference / hand-written"].median
 
     track_reference_over_hand_written.unit = "ratio"
 
@@ -42,14 +43,14 @@ class PerBatchLoop:
         w = workloads.make_workload("factorization", "medium")
         self.workload = w
         self.loop = baselines.PerBatchLoop(w.model, w.x, w.y, batch_size=32)
-        self.point = bench.cycling_points(self.loop.flat.read(), 3)
+        self.point = measure.cycling_points(self.loop.flat.read(), 3)
         self.loop.value_and_grad(self.point())
 
     def time_per_batch_loop_evaluation(self):
         self.loop.value_and_grad(self.point())
 
     def track_per_batch_loop_over_reference(self):
-        return bench.per_batch_loop_costs(self.workload, rounds=3)["loop / reference"].median
+        return measure.per_batch_loop_costs(self.workload, rounds=3)["loop / reference"].median
 
     track_per_batch_loop_over_reference.unit = "ratio"
 
@@ -62,13 +63,13 @@ class TimeToTarget:
     repeat = 1
 
     def setup_cache(self):
-        adam, _, _ = bench.adam_reference("medium", seconds=ADAM_SECONDS)
+        adam, _, _ = measure.adam_reference("medium", seconds=ADAM_SECONDS)
         target = float(np.nanmin(adam[:, 1]))
-        adam_time = bench.time_to_target(adam, target)
+        adam_time = measure.time_to_target(adam, target)
         times = {}
         for method in ("L-BFGS-B", "CG", "Newton-CG", "trust-ncg", "trust-krylov"):
-            run = bench.run_method(workloads.make_workload("factorization", "medium"), method, maxiter=500)
-            times[method] = bench.time_to_target(run.trace, target)
+            run = measure.run_method(workloads.make_workload("factorization", "medium"), method, maxiter=500)
+            times[method] = measure.time_to_target(run.trace, target)
         return {"adam": adam_time, "methods": times}
 
     def track_best_full_batch_over_adam(self, cache):
@@ -85,7 +86,7 @@ class TimeToTarget:
 
 class LbfgsLibraries:
     """Other libraries' L-BFGS against the reference's (scipy L-BFGS-B through ``fit``): seconds to a
-    common target, from the same start (``keras_opt_ref.alternatives``). Missing packages skip."""
+    common target, from the same start (``keras_opt_ref.bench.alternatives``). Missing packages skip."""
 
     params = (["mlp", "factorization"], list(alternatives.CONTENDERS))
     param_names = ("workload", "contender")
@@ -96,7 +97,7 @@ class LbfgsLibraries:
     def setup_cache(self):
         cache = {}
         for name in self.params[0]:
-            rows = bench.alternatives_time_to_target(name, "medium", maxiter=RUN_MAXITER, rounds=3)["rows"]
+            rows = measure.alternatives_time_to_target(name, "medium", maxiter=RUN_MAXITER, rounds=3)["rows"]
             cache[name] = {who: {"ratio": row["/ reference"].median, "seconds": row["s to target"].median}
                            for who, row in rows.items()}
         return cache

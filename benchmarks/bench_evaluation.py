@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from keras_opt_ref import FlatVariables, FullBatchObjective, bench, same_math, workloads
+from keras_opt_ref import FlatVariables, TensorFlowObjective
+from keras_opt_ref.bench import measure, same_math, workloads
 
 from ._common import SIZES, WORKLOADS
 
@@ -16,10 +17,10 @@ class Evaluation:
 
     def setup(self, name, size):
         self.workload = workloads.make_workload(name, size)
-        self.objective = FullBatchObjective(self.workload.model, self.workload.x, self.workload.y)
-        self.floor = bench.floor_function(self.objective)
+        self.objective = TensorFlowObjective(self.workload.model, self.workload.x, self.workload.y)
+        self.floor = measure.floor_function(self.objective)
         x0 = self.objective.flat.read()
-        self.point = bench.cycling_points(x0, 7)
+        self.point = measure.cycling_points(x0, 7)
         self.p = np.random.default_rng(1).normal(size=x0.size)
         self.floor()
         self.objective.value_and_grad(self.point())
@@ -38,12 +39,12 @@ class Evaluation:
         self.objective.value_and_grad(self.point())
 
     def track_loss_and_gradient_over_floor(self, name, size):
-        return bench.evaluation_costs(self.workload, rounds=9)["loss+grad / floor"].median
+        return measure.evaluation_costs(self.workload, rounds=9)["loss+grad / floor"].median
 
     track_loss_and_gradient_over_floor.unit = "ratio"
 
     def track_hvp_over_gradient(self, name, size):
-        return bench.evaluation_costs(self.workload, rounds=9)["hvp / loss+grad"].median
+        return measure.evaluation_costs(self.workload, rounds=9)["hvp / loss+grad"].median
 
     track_hvp_over_gradient.unit = "ratio"
 
@@ -56,7 +57,7 @@ class DenseHessian:
     def setup(self):
         w = workloads.make_workload("mlp", "small")
         self.workload = w
-        self.objective = FullBatchObjective(w.model, w.x, w.y)
+        self.objective = TensorFlowObjective(w.model, w.x, w.y)
         self.x0 = self.objective.flat.read()
         self.objective.hessian(self.x0)
 
@@ -64,13 +65,13 @@ class DenseHessian:
         self.objective.hessian(self.x0)
 
     def track_dense_hessian_over_gradient(self):
-        return bench.evaluation_costs(self.workload, rounds=3, dense_hessian=True)["hessian / loss+grad"].median
+        return measure.evaluation_costs(self.workload, rounds=3, dense_hessian=True)["hessian / loss+grad"].median
 
     track_dense_hessian_over_gradient.unit = "ratio"
 
 
 class SameMath:
-    """The reference against the same math hand-written on a flat vector (``keras_opt_ref.same_math``).
+    """The reference against the same math hand-written on a flat vector (``keras_opt_ref.bench.same_math``).
 
     ``same_math``: one backend, or ``"best"`` (per round, the fastest installed one). A backend
     whose package is missing is skipped.
@@ -81,7 +82,7 @@ class SameMath:
     timeout = 1800
 
     def setup_cache(self):
-        return {name: {k: v.median for k, v in bench.same_math_costs(workloads.make_workload(name, "medium"),
+        return {name: {k: v.median for k, v in measure.same_math_costs(workloads.make_workload(name, "medium"),
                                                                      rounds=9).items()}
                 for name in WORKLOADS}
 
@@ -120,7 +121,7 @@ class SameMathCalls:
         w = workloads.make_workload(name, size)
         self.fn = same_math.same_math(w, backend)
         x0 = FlatVariables.from_variables(w.model.trainable_variables).read()
-        self.point = bench.cycling_points(x0, 7)
+        self.point = measure.cycling_points(x0, 7)
         self.p = np.random.default_rng(1).normal(size=x0.size)
         self.fn.value_and_grad(self.point())
         self.fn.hessp(x0, self.p)

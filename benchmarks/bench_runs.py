@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from keras_opt_ref import bench, workloads
+from keras_opt_ref.bench import measure, workloads
 
 from ._common import RUN_MAXITER, WORKLOADS
 
 
 class Runs:
-    params = (list(WORKLOADS), list(bench.RUN_METHODS))
+    params = (list(WORKLOADS), list(measure.RUN_METHODS))
     param_names = ("workload", "method")
     timeout = 600
     number = 1
@@ -17,20 +17,20 @@ class Runs:
     def setup_cache(self):
         results = {}
         for name in WORKLOADS:
-            for method in bench.RUN_METHODS:
-                if bench.skip_reason(name, method):
+            for method in measure.RUN_METHODS:
+                if measure.skip_reason(name, method):
                     continue
-                run = bench.run_method(workloads.make_workload(name, "medium"), method, maxiter=RUN_MAXITER)
+                run = measure.run_method(workloads.make_workload(name, "medium"), method, maxiter=RUN_MAXITER)
                 results[(name, method)] = run.__dict__ | {"trace": None}
         return results
 
     def setup(self, cache, name, method):
         if (name, method) not in cache:
-            raise NotImplementedError(f"{method} is not run on {name}: {bench.skip_reason(name, method)}")
+            raise NotImplementedError(f"{method} is not run on {name}: {measure.skip_reason(name, method)}")
         self.workload = workloads.make_workload(name, "medium")
 
     def time_fit_epoch(self, cache, name, method):
-        bench.run_method(self.workload, method, maxiter=RUN_MAXITER)
+        measure.run_method(self.workload, method, maxiter=RUN_MAXITER)
 
     def track_final_loss(self, cache, name, method):
         return cache[(name, method)]["loss"]
@@ -56,14 +56,14 @@ class Runs:
 class LeastSquaresComparison:
     """lm, trf, trust-ncg with Gauss-Newton and with the exact Hessian, L-BFGS-B on mlp-medium."""
 
-    params = ([label for label, _, _ in bench.LEAST_SQUARES_CONTENDERS],)
+    params = ([label for label, _, _ in measure.LEAST_SQUARES_CONTENDERS],)
     param_names = ("contender",)
     timeout = 3600
     number = 1
     repeat = 1
 
     def setup_cache(self):
-        target, rows = bench.least_squares_comparison("medium", maxiter=min(RUN_MAXITER, 10))
+        target, rows = measure.least_squares_comparison("medium", maxiter=min(RUN_MAXITER, 10))
         return {label: {"seconds": r.seconds, "loss": r.loss, "nfev": r.nfev, "to_target": t}
                 for label, r, t in rows} | {"target": target}
 

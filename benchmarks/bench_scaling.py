@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import math
 
-from keras_opt_ref import FullBatchObjective, _keras, bench, workloads
+from keras_opt_ref import TensorFlowObjective
+from keras_opt_ref.base import keras_compat as _keras
+from keras_opt_ref.bench import measure, workloads
 
 
 class Scaling:
@@ -18,8 +20,8 @@ class Scaling:
         data = workloads.factorization_data(int(users * grow), int(items * grow), ratings * factor)
         model = workloads.factorization_model(_keras.default_keras(), data.n_users, data.n_items)
         model.compile(loss="mse")
-        self.objective = FullBatchObjective(model, data.x, data.ratings)
-        self.point = bench.cycling_points(self.objective.flat.read(), 3)
+        self.objective = TensorFlowObjective(model, data.x, data.ratings)
+        self.point = measure.cycling_points(self.objective.flat.read(), 3)
         self.objective.value_and_grad(self.point())
 
     def time_loss_and_gradient(self, factor):

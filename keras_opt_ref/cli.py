@@ -16,9 +16,11 @@ DEMO_FACTORIZATION_METHODS = ("L-BFGS-B", "CG", "Newton-CG", "trust-ncg", "trust
 
 def demo(maxiter: int = 200) -> int:
     """Fit the README regression and a small factorization; print method, loss, nit, nfev, seconds."""
-    from . import _keras, scipy_optimizer, workloads
+    from . import scipy_optimizer
+    from .base import keras_compat
+    from .bench import workloads
 
-    keras = _keras.default_keras()
+    keras = keras_compat.default_keras()
     X, y = workloads.readme_regression()
     fact = workloads.factorization_data(*workloads.FACTORIZATION_SIZES["tiny"])
     rows = []
@@ -82,9 +84,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return report.main(args.impl or ["keras_opt_ref.scipy_optimizer"], args.mutants, args.out, args.fail_fast,
                            with_independent=args.independent, timeout=args.timeout, extra=extra)
     if args.command == "bench":
-        from . import bench
+        from .bench import measure
 
-        bench.summary(quick=args.quick, out=args.out, adam_seconds=args.adam_seconds)
+        measure.summary(quick=args.quick, out=args.out, adam_seconds=args.adam_seconds)
         return 0
     parser.error(f"unknown command {args.command!r}")
     return 2

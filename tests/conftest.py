@@ -11,7 +11,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from keras_opt_ref import _keras  # noqa: E402
+from keras_opt_ref.base import keras_compat as _keras  # noqa: E402
 
 KERAS = _keras.default_keras()
 
@@ -206,7 +206,7 @@ def assert_recovered(train, model, x, y, spy: ScipySpy, sample_weight=None) -> N
     weights = train.objective.flat.read()
     np.testing.assert_array_equal(weights, result.x)
     best_x, best_f = spy.best()
-    dtype = train.objective.flat.common_dtype.as_numpy_dtype
+    dtype = train.objective.flat.common_dtype
     np.testing.assert_array_equal(result.x, best_x.astype(dtype).astype(np.float64), err_msg="not the best point")
     np.testing.assert_allclose(full_batch_loss(model, x, y, sample_weight), result.fun, rtol=1e-5)
     np.testing.assert_allclose(result.fun, best_f, rtol=1e-5)

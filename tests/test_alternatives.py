@@ -8,7 +8,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from keras_opt_ref import FullBatchObjective, alternatives, workloads
+from keras_opt_ref import TensorFlowObjective
+from keras_opt_ref.bench import alternatives, workloads
 
 
 @pytest.fixture(params=alternatives.CONTENDERS)
@@ -22,7 +23,7 @@ def contender(request):
 @pytest.mark.parametrize("case", [("mlp", "small"), ("factorization", "tiny")], ids="-".join)
 def test_contender_minimizes_the_workload_loss_and_stops_at_a_target(keras, case, contender):
     w = workloads.make_workload(*case, keras=keras)
-    judge = FullBatchObjective(w.model, w.x, w.y)
+    judge = TensorFlowObjective(w.model, w.x, w.y)
     runner = alternatives.make_contender(contender, w, maxiter=20)
     start = judge.value(runner.x0)
     full = runner.run()

@@ -20,8 +20,9 @@ if os.environ.get("TF_USE_LEGACY_KERAS", "").lower() in ("1", "true", "yes"):
 import keras  # noqa: E402
 from keras_opt_ref_conformance.truth import Steps, central_gradient, working_precision  # noqa: E402
 
-from keras_opt_ref import core, scipy_optimizer  # noqa: E402
-from keras_opt_ref.workloads import make_workload  # noqa: E402
+from keras_opt_ref import backends as core
+from keras_opt_ref import scipy_optimizer  # noqa: E402
+from keras_opt_ref.bench.workloads import make_workload  # noqa: E402
 
 BACKEND = keras.backend.backend()
 MINIMIZE = [m for m in scipy_optimizer.METHODS if m not in ("COBYLA", "COBYQA", "Nelder-Mead", "Powell")]

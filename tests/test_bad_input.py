@@ -27,8 +27,12 @@ import tensorflow as tf
 from conftest import KERAS, ScipySpy, assert_recovered, faulty_model, full_batch_loss, regression, small_mlp
 
 import keras_opt_ref
-from keras_opt_ref import FlatVariables, FullBatchObjective, HessianTooLargeError, scipy_optimizer
-from keras_opt_ref.least_squares import JacobianTooLargeError, LeastSquaresObjective, NotSquaredErrorError
+from keras_opt_ref import FlatVariables, HessianTooLargeError, TensorFlowObjective, scipy_optimizer
+from keras_opt_ref.backends.tensorflow.least_squares import (
+    JacobianTooLargeError,
+    LeastSquaresObjective,
+    NotSquaredErrorError,
+)
 
 PACKAGE = Path(keras_opt_ref.__file__).parent
 LEGACY = KERAS.__name__ == "tf_keras"
@@ -191,10 +195,10 @@ REFUSED = [
     Case("NaN in the targets", "refused", _with_nan("targets"), r"The targets.*NaN/Inf", ValueError),
     Case("Inf in the sample weights", "refused", _with_nan("sample weights"), r"The sample weights.*NaN/Inf",
          ValueError),
-    Case("empty data", "refused", lambda ctx: FullBatchObjective(ctx.mlp(), np.zeros((0, 3)), np.zeros((0, 1))),
+    Case("empty data", "refused", lambda ctx: TensorFlowObjective(ctx.mlp(), np.zeros((0, 3)), np.zeros((0, 1))),
          r"empty \(0 samples\)", ValueError),
     Case("sample counts disagree", "refused",
-         lambda ctx: FullBatchObjective(ctx.mlp(), np.zeros((5, 3)), np.zeros((4, 1))),
+         lambda ctx: TensorFlowObjective(ctx.mlp(), np.zeros((5, 3)), np.zeros((4, 1))),
          r"disagree on the number of samples.*5.*4", ValueError),
     Case("stochastic layer", "refused", _stochastic, r"stochastic layers.*deterministic=True", ValueError),
     Case("float16 policy", "refused", _float16, r"float16.*float32", TypeError),
@@ -241,10 +245,10 @@ REFUSED = [
          lambda ctx: _fit(ctx, ctx.mlp(), tf.ragged.constant([[1.0, 2.0, 3.0], [1.0, 2.0]]), np.ones((2, 1))),
          r"RaggedTensor.*to_tensor", ValueError),
     Case("inputs that are not numbers", "refused",
-         lambda ctx: FullBatchObjective(ctx.mlp(), np.array([[1, "a", None]] * 4, dtype=object), np.ones((4, 1))),
+         lambda ctx: TensorFlowObjective(ctx.mlp(), np.array([[1, "a", None]] * 4, dtype=object), np.ones((4, 1))),
          r"inputs \(ndarray\) cannot be converted to a tensor", TypeError),
     Case("data above max_data_bytes", "refused",
-         lambda ctx: FullBatchObjective(ctx.mlp(), X, Y, max_data_bytes=100),
+         lambda ctx: TensorFlowObjective(ctx.mlp(), X, Y, max_data_bytes=100),
          r"needs 960 bytes as dense tensors, more than max_data_bytes=100", ValueError),
     Case("endless .repeat() dataset", "refused", _endless_repeat, r"(endless tf.data.Dataset.*steps_per_epoch|"
          r"infinite dataset, you must specify the number of steps)", ValueError, by_keras=LEGACY),
@@ -277,8 +281,8 @@ REFUSED = [
 def _chunked_matches(ctx, model, x, y, sw=None):
     """Chunks of 7 rows (with a remainder) give the one-piece value and gradient, and evaluate's value.
     (Whether they fell back to one piece is the table's expected warning.)"""
-    chunked = FullBatchObjective(model, x, y, sw, chunk_size=7)
-    whole = FullBatchObjective(model, x, y, sw, chunk_size=10**6)
+    chunked = TensorFlowObjective(model, x, y, sw, chunk_size=7)
+    whole = TensorFlowObjective(model, x, y, sw, chunk_size=10**6)
     x0 = whole.flat.read()
     np.testing.assert_allclose(chunked.value(x0), full_batch_loss(model, x, y, sw), rtol=1e-5)
     f1, g1 = whole.value_and_grad(x0 + 0.05)
@@ -502,7 +506,7 @@ def _interrupt_after(method, k=6):
         train = scipy_optimizer.make_train_function(model, method=method, maxiter=100)
         model.train_function = train
         least_squares = method == "trf"
-        owner, name = (LeastSquaresObjective, "residuals") if least_squares else (FullBatchObjective, "value_and_grad")
+        owner, name = (LeastSquaresObjective, "residuals") if least_squares else (TensorFlowObjective, "value_and_grad")
         real, calls = getattr(owner, name), {"n": 0}
 
         def interrupted(obj, x):

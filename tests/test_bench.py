@@ -8,7 +8,8 @@ import time
 import numpy as np
 import pytest
 
-from keras_opt_ref import FullBatchObjective, baselines, bench, scipy_optimizer, workloads
+from keras_opt_ref import TensorFlowObjective, scipy_optimizer
+from keras_opt_ref.bench import baselines, measure, workloads
 
 
 def _assert_same_objective(objective, other):
@@ -25,20 +26,20 @@ def test_hand_written_factorization_matches_the_reference(keras, bias):
     data = workloads.factorization_data(*workloads.FACTORIZATION_SIZES["tiny"])
     model = workloads.factorization_model(keras, data.n_users, data.n_items, bias=bias)
     model.compile(loss="mse")
-    objective = FullBatchObjective(model, data.x, data.ratings)
+    objective = TensorFlowObjective(model, data.x, data.ratings)
     _assert_same_objective(objective, baselines.HandWrittenFactorization(data, objective.flat))
 
 
 def test_hand_written_linear_matches_the_reference(keras):
     w = workloads.make_workload("linear", "small", keras=keras)
-    _assert_same_objective(FullBatchObjective(w.model, w.x, w.y), baselines.HandWrittenLinear(w.x, w.y))
+    _assert_same_objective(TensorFlowObjective(w.model, w.x, w.y), baselines.HandWrittenLinear(w.x, w.y))
 
 
 def test_per_batch_loop_computes_the_full_batch_objective(keras):
     data = workloads.factorization_data(*workloads.FACTORIZATION_SIZES["tiny"])
     model = workloads.factorization_model(keras, data.n_users, data.n_items)
     model.compile(loss="mse")
-    objective = FullBatchObjective(model, data.x, data.ratings)
+    objective = TensorFlowObjective(model, data.x, data.ratings)
     loop = baselines.PerBatchLoop(model, data.x, data.ratings, batch_size=32)  # 1000 rows: a last batch of 8
     _assert_same_objective(objective, loop)
 
@@ -63,9 +64,9 @@ def test_workloads_are_deterministic_and_sized(keras):
 
 def test_time_to_target_and_stats():
     trace = np.array([[0.0, math.nan], [0.5, 3.0], [1.0, 1.0], [2.0, 0.5]])
-    assert bench.time_to_target(trace, 1.0) == 1.0
-    assert bench.time_to_target(trace, 0.1) != bench.time_to_target(trace, 0.1)  # nan: never reached
-    s = bench.Stat.of([3.0, 1.0, 2.0])
+    assert measure.time_to_target(trace, 1.0) == 1.0
+    assert measure.time_to_target(trace, 0.1) != measure.time_to_target(trace, 0.1)  # nan: never reached
+    s = measure.Stat.of([3.0, 1.0, 2.0])
     assert (s.median, s.lo, s.hi) == (2.0, 1.0, 3.0) and str(s) == "2 [1-3]"
 
 
@@ -84,8 +85,8 @@ def test_result_trace_is_the_optimization_history(keras):
 
 def test_floor_is_the_objective_at_the_current_weights(keras):
     w = workloads.make_workload("mlp", "small", keras=keras)
-    objective = FullBatchObjective(w.model, w.x, w.y)
-    f_floor, g_floor = bench.floor_function(objective)()
+    objective = TensorFlowObjective(w.model, w.x, w.y)
+    f_floor, g_floor = measure.floor_function(objective)()
     f, g = objective.value_and_grad(objective.flat.read())
     assert f_floor == pytest.approx(f, rel=1e-6)
     np.testing.assert_allclose(g_floor, g, rtol=1e-5, atol=1e-7)
@@ -93,7 +94,7 @@ def test_floor_is_the_objective_at_the_current_weights(keras):
 
 def test_same_math_costs_report_every_ratio(keras):
     w = workloads.make_workload("linear", "small", keras=keras)
-    costs = bench.same_math_costs(w, rounds=1, repeat=1)
+    costs = measure.same_math_costs(w, rounds=1, repeat=1)
     for key in ("reference loss+grad s", "reference hvp s", "hvp / loss+grad", "loss+grad / best same-math",
                 "hvp / best same-math hvp", "best same-math hvp / loss+grad", "loss+grad / tensorflow same-math"):
         assert costs[key].median > 0, key
@@ -112,5 +113,5 @@ def test_a_function_compiled_per_input_value_is_caught():
 
     times = {"specializing": np.array([1e-4]), "plain": np.array([1e-4])}
     with pytest.raises(RuntimeError, match="compiles per input value"):
-        bench._check_compiled_once({"specializing": specializing}, times, np.zeros(3))
-    bench._check_compiled_once({"plain": lambda x, p: None}, times, np.zeros(3))
+        measure._check_compiled_once({"specializing": specializing}, times, np.zeros(3))
+    measure._check_compiled_once({"plain": lambda x, p: None}, times, np.zeros(3))

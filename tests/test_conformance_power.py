@@ -53,7 +53,7 @@ def test_suite_kills_mutant_and_says_why(mutant):
     if mutant in TENSORFLOW_ONLY and report._backend() != "tensorflow":
         pytest.skip(f"{mutant} breaks the TensorFlow objective's internals; it exists on TensorFlow only")
     if mutant in NEEDS_FLOAT64_ARITHMETIC:
-        from keras_opt_ref._keras import default_keras
+        from keras_opt_ref.base.keras_compat import default_keras
 
         if working_precision(default_keras()) != "float64":
             pytest.skip(f"{mutant} is float32 rounding, which this backend's float64 models carry themselves")

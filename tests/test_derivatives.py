@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from conftest import central_differences, directional_difference, regression, small_mlp
 
-from keras_opt_ref import FlatVariables, FullBatchObjective, HessianTooLargeError
+from keras_opt_ref import FlatVariables, HessianTooLargeError, TensorFlowObjective
 
 
 def _mlp_objective(keras, **kwargs):
@@ -21,7 +21,7 @@ def _mlp_objective(keras, **kwargs):
     sw = np.random.default_rng(1).uniform(0.5, 1.5, size=30)
     model = small_mlp(keras, l2=0.02)
     model.compile(loss="mse")
-    return FullBatchObjective(model, X, y, sw, **kwargs)
+    return TensorFlowObjective(model, X, y, sw, **kwargs)
 
 
 def _embedding_objective(keras, with_dense: bool):
@@ -37,7 +37,7 @@ def _embedding_objective(keras, with_dense: bool):
     X = rng.integers(0, 6, size=(40, 2)).astype("int32")
     assert len(np.unique(X)) < X.size  # duplicates present
     y = rng.normal(size=(40, 1))
-    return FullBatchObjective(model, X, y)
+    return TensorFlowObjective(model, X, y)
 
 
 def _check_gradient(obj, x):
@@ -121,7 +121,7 @@ def test_float32_model_gradients_are_float64_at_the_boundary(keras):
     X, y = regression(n=30)
     model = small_mlp(keras)
     model.compile(loss="mse")
-    obj = FullBatchObjective(model, X, y)
+    obj = TensorFlowObjective(model, X, y)
     f, g = obj.value_and_grad(obj.flat.read())
     assert isinstance(f, float) and g.dtype == np.float64 and g.shape == (obj.size,)
 
@@ -130,7 +130,7 @@ def test_dense_hessian_refused_above_limit(keras):
     X, y = regression(n=30)
     model = small_mlp(keras, hidden=20)
     model.compile(loss="mse")
-    obj = FullBatchObjective(model, X, y, max_hessian_params=50)
+    obj = TensorFlowObjective(model, X, y, max_hessian_params=50)
     with pytest.raises(HessianTooLargeError) as err:
         obj.hessian(obj.flat.read())
     message = str(err.value)

@@ -14,9 +14,10 @@ import pytest
 import tensorflow as tf
 from conftest import KERAS, full_batch_loss
 
-from keras_opt_ref import core, scipy_optimizer
-from keras_opt_ref.distributed import DistributedObjective
-from keras_opt_ref.workloads import factorization_data, factorization_model
+from keras_opt_ref import backends as core
+from keras_opt_ref import scipy_optimizer
+from keras_opt_ref.backends.tensorflow.distributed import DistributedObjective
+from keras_opt_ref.bench.workloads import factorization_data, factorization_model
 
 pytestmark = pytest.mark.skipif(KERAS.backend.backend() != "tensorflow", reason="tf.distribute is TensorFlow's")
 
@@ -148,7 +149,7 @@ def test_fewer_rows_than_replicas_is_refused(keras, strategy):
 
 # ------------------------------------------------------------------ two localhost workers
 def _workers(job, flavour_mode, **params):
-    from keras_opt_ref import cluster
+    from keras_opt_ref.bench import cluster
 
     return cluster.launch(job, 1, **params, mode=flavour_mode), cluster.launch(job, 2, **params, mode=flavour_mode)
 
@@ -183,7 +184,7 @@ def test_two_localhost_workers_factorization_reaches_the_one_worker_loss(keras):
 
 @pytest.mark.slow
 def test_a_failed_worker_ends_the_run_with_a_clear_error_and_the_best_point(keras):
-    from keras_opt_ref import cluster
+    from keras_opt_ref.bench import cluster
 
     chief, dead = cluster.launch("factorization", 2, timeout=600, allow_failures=True, mode=_mode(keras),
                                  shape=[60, 40, 900], width=4, maxiter=40, batch_size=128, fail_after=5)

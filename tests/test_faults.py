@@ -16,8 +16,8 @@ import pytest
 import tensorflow as tf
 from conftest import ScipySpy, assert_recovered, faulty_model, regression
 
-from keras_opt_ref import FullBatchObjective, scipy_optimizer
-from keras_opt_ref.methods import LEAST_SQUARES_METHODS, METHODS
+from keras_opt_ref import TensorFlowObjective, scipy_optimizer
+from keras_opt_ref.train.methods import LEAST_SQUARES_METHODS, METHODS
 
 ALL_METHODS = [m.name for m in METHODS] + [m.name for m in LEAST_SQUARES_METHODS]
 
@@ -73,7 +73,7 @@ def _interrupted_run(keras, monkeypatch):
     train = scipy_optimizer.make_train_function(model, method="L-BFGS-B", maxiter=10**5, ftol=0.0, gtol=0.0)
     model.train_function = train
     killer = subprocess.Popen([sys.executable, "-c", _KILLER, str(os.getpid())], stdin=subprocess.PIPE)
-    real, count = FullBatchObjective.value_and_grad, {"n": 0}
+    real, count = TensorFlowObjective.value_and_grad, {"n": 0}
 
     def value_and_grad(objective, x):
         count["n"] += 1
@@ -85,7 +85,7 @@ def _interrupted_run(keras, monkeypatch):
             time.sleep(0.01)  # the signal interrupts this wait at the latest
         return real(objective, x)
 
-    monkeypatch.setattr(FullBatchObjective, "value_and_grad", value_and_grad)
+    monkeypatch.setattr(TensorFlowObjective, "value_and_grad", value_and_grad)
     try:
         with pytest.raises(KeyboardInterrupt):
             model.fit(X, y, verbose=0)

@@ -13,8 +13,13 @@ from conftest import (
     small_mlp,
 )
 
-from keras_opt_ref import scipy_optimizer, workloads
-from keras_opt_ref.least_squares import JacobianTooLargeError, LeastSquaresObjective, NotSquaredErrorError
+from keras_opt_ref import scipy_optimizer
+from keras_opt_ref.backends.tensorflow.least_squares import (
+    JacobianTooLargeError,
+    LeastSquaresObjective,
+    NotSquaredErrorError,
+)
+from keras_opt_ref.bench import workloads
 
 
 def _two_output_model(keras, l2=0.01):

@@ -9,11 +9,11 @@ import pytest
 import tensorflow as tf
 from conftest import full_batch_loss, regression, small_mlp
 
-from keras_opt_ref import FlatVariables, FullBatchObjective, scipy_optimizer
+from keras_opt_ref import FlatVariables, TensorFlowObjective, scipy_optimizer
 
 
 def _objective_loss_matches(model, x, y=None, sw=None, **kwargs):
-    obj = FullBatchObjective(model, x, y, sw, **kwargs)
+    obj = TensorFlowObjective(model, x, y, sw, **kwargs)
     x0 = obj.flat.read()
     got = obj.value(x0)
     want = full_batch_loss(model, x, y, sw)
@@ -69,10 +69,10 @@ def test_chunked_equals_single_batch(keras, float64, chunk_size, reduction):
     sw = np.random.default_rng(2).uniform(0.5, 2.0, size=50)
     model = small_mlp(keras, l2=0.01)
     model.compile(loss=keras.losses.MeanSquaredError(reduction=reduction))
-    whole = FullBatchObjective(model, X, y, sw, chunk_size=10**6)
+    whole = TensorFlowObjective(model, X, y, sw, chunk_size=10**6)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no fallback to one piece
-        chunked = FullBatchObjective(model, X, y, sw, chunk_size=chunk_size)
+        chunked = TensorFlowObjective(model, X, y, sw, chunk_size=chunk_size)
     x0 = whole.flat.read()
     np.testing.assert_allclose(whole.value(x0), full_batch_loss(model, X, y, sw), rtol=1e-6)
     f1, g1 = whole.value_and_grad(x0)
@@ -88,7 +88,7 @@ def test_evaluations_do_not_retrace(keras):
     X, y = regression()
     model = small_mlp(keras)
     model.compile(loss="mse")
-    obj = FullBatchObjective(model, X, y, chunk_size=16)
+    obj = TensorFlowObjective(model, X, y, chunk_size=16)
     rng = np.random.default_rng(0)
     for _ in range(5):
         x = rng.normal(size=obj.size)
@@ -105,7 +105,7 @@ def test_repeatable(keras):
     X, y = regression()
     model = small_mlp(keras)
     model.compile(loss="mse")
-    obj = FullBatchObjective(model, X, y)
+    obj = TensorFlowObjective(model, X, y)
     x = np.random.default_rng(0).normal(size=obj.size)
     f1, g1 = obj.value_and_grad(x)
     obj.value_and_grad(x + 1)
@@ -231,9 +231,9 @@ def test_xla_is_the_default_and_falls_back_with_a_warning(keras):
     X, y = regression()
     plain = small_mlp(keras)
     plain.compile(loss="mse")
-    assert FullBatchObjective(plain, X, y).jit_compile is True
+    assert TensorFlowObjective(plain, X, y).jit_compile is True
     model = _model_xla_cannot_compile(keras)
-    obj = FullBatchObjective(model, X, y)
+    obj = TensorFlowObjective(model, X, y)
     x0 = obj.flat.read()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -242,13 +242,13 @@ def test_xla_is_the_default_and_falls_back_with_a_warning(keras):
     assert obj.jit_compile is False
     assert f == pytest.approx(full_batch_loss(model, X, y), rel=1e-6)
     assert np.all(np.isfinite(g)) and np.any(g != 0)
-    plain_tf = FullBatchObjective(model, X, y, jit_compile=False)
+    plain_tf = TensorFlowObjective(model, X, y, jit_compile=False)
     np.testing.assert_allclose(obj.hessp(x0, g), plain_tf.hessp(x0, g), rtol=1e-5, atol=1e-6)
 
 
 def test_xla_insisted_on_raises(keras):
     X, y = regression()
-    obj = FullBatchObjective(_model_xla_cannot_compile(keras), X, y, jit_compile=True)
+    obj = TensorFlowObjective(_model_xla_cannot_compile(keras), X, y, jit_compile=True)
     with pytest.raises(tf.errors.OpError):
         obj.value(obj.flat.read())
 
@@ -257,7 +257,7 @@ def test_new_data_shapes_rebuild_the_graphs(keras):
     X, y = regression()
     model = small_mlp(keras)
     model.compile(loss="mse")
-    obj = FullBatchObjective(model, X, y, chunk_size=16)
+    obj = TensorFlowObjective(model, X, y, chunk_size=16)
     x0 = obj.flat.read()
     obj.value(x0)
     obj.set_data(X[:21], y[:21])
@@ -280,7 +280,7 @@ def test_many_objectives_in_one_process_trace_without_tensorflows_retracing_warn
         for _ in range(8):
             model = small_mlp(keras)
             model.compile(loss="mse")
-            FullBatchObjective(model, X, y, chunk_size=20)  # two chunk shapes: 20 rows and the 10-row tail
+            TensorFlowObjective(model, X, y, chunk_size=20)  # two chunk shapes: 20 rows and the 10-row tail
     finally:
         logger.removeHandler(handler)
     messages = [r.getMessage() for r in records]

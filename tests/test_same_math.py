@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from conftest import directional_difference, full_batch_loss
 
-from keras_opt_ref import FlatVariables, FullBatchObjective, same_math, workloads
+from keras_opt_ref import FlatVariables, TensorFlowObjective
+from keras_opt_ref.bench import same_math, workloads
 
 # (workload, size, bias) -- small sizes: each case compiles its functions once.
 CASES = [("linear", "small", False), ("mlp", "small", False), ("factorization", "tiny", False),
@@ -44,7 +45,7 @@ def test_value_is_keras_loss_and_gradient_is_the_reference(keras, case, contende
     name, size, bias = case
     w = workloads.make_workload(name, size, keras=keras, bias=bias)
     fn = same_math.same_math(w, contender[0], **contender[1])
-    objective = FullBatchObjective(w.model, w.x, w.y)
+    objective = TensorFlowObjective(w.model, w.x, w.y)
     x = _point(w)
     f, g = fn.value_and_grad(x)
     assert g.dtype == np.float64 and g.shape == (objective.size,)

@@ -9,9 +9,10 @@ import pytest
 import scipy.optimize
 from conftest import full_batch_loss, regression, small_mlp
 
-from keras_opt_ref import METHODS, scipy_optimizer, workloads
-from keras_opt_ref.methods import METHODS as METHOD_TABLE
-from keras_opt_ref.methods import resolve_method
+from keras_opt_ref import METHODS, scipy_optimizer
+from keras_opt_ref.bench import workloads
+from keras_opt_ref.train.methods import METHODS as METHOD_TABLE
+from keras_opt_ref.train.methods import resolve_method
 
 GRADIENT_METHODS = [m.name for m in METHOD_TABLE if m.jac]
 # Iteration budgets and tolerances for the README regression. Methods whose default

@@ -12,7 +12,8 @@ import pytest
 from conftest import ScipySpy, faulty_model, full_batch_loss, regression
 from scipy.optimize._trustregion_ncg import CGSteihaugSubproblem
 
-from keras_opt_ref import FullBatchObjective, scipy_optimizer, workloads
+from keras_opt_ref import TensorFlowObjective, scipy_optimizer
+from keras_opt_ref.bench import workloads
 
 
 def _scipy_step(objective, x, radius):
@@ -44,16 +45,16 @@ def test_step_equals_scipys_subproblem_in_every_branch(keras):
     X, y = regression(n=200, d=3)
     model = workloads.mlp_model(keras, 3)
     model.compile(loss="mse")
-    objective = FullBatchObjective(model, X, y)
+    objective = TensorFlowObjective(model, X, y)
     x0 = objective.flat.read()
     rng = np.random.default_rng(0)
     saddle = _saddle_model(keras)
     xs = np.linspace(-1, 1, 50)[:, None]
-    saddle_objective = FullBatchObjective(saddle, xs, 2.0 * xs)
+    saddle_objective = TensorFlowObjective(saddle, xs, 2.0 * xs)
     points = (x0, x0 + 0.3 * rng.normal(size=x0.size))
     cases = [(objective, x, r) for x in points for r in (1e-3, 0.1, 1.0, 100.0)]
     w = workloads.make_workload("factorization", "tiny", keras=keras, dtype="float64", bias=True)  # Embeddings
-    embedding_objective = FullBatchObjective(w.model, w.x, w.y)
+    embedding_objective = TensorFlowObjective(w.model, w.x, w.y)
     cases += [(embedding_objective, embedding_objective.flat.read(), r) for r in (1e-3, 1.0)]
     cases += [(saddle_objective, np.array([0.01, -0.02]), r) for r in (0.05, 10.0)]
     branches = set()

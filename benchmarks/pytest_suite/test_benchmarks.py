@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 
 from benchmarks._common import ADAM_SECONDS, RUN_MAXITER, SIZES, WORKLOADS
-from keras_opt_ref import FullBatchObjective, alternatives, baselines, bench, same_math, workloads
+from keras_opt_ref import TensorFlowObjective
+from keras_opt_ref.bench import alternatives, baselines, measure, same_math, workloads
 
 
 def _rounds(benchmark, timed: int) -> int:
@@ -36,7 +37,7 @@ def objectives():
     def get(name, size):
         if (name, size) not in cache:
             w = workloads.make_workload(name, size)
-            cache[(name, size)] = (w, FullBatchObjective(w.model, w.x, w.y))
+            cache[(name, size)] = (w, TensorFlowObjective(w.model, w.x, w.y))
         return cache[(name, size)]
 
     return get
@@ -47,7 +48,7 @@ def objectives():
 def test_floor(benchmark, objectives, name, size):
     w, objective = objectives(name, size)
     benchmark.group = f"evaluation {w.label}"
-    benchmark(bench.floor_function(objective))
+    benchmark(measure.floor_function(objective))
 
 
 @pytest.mark.parametrize("size", SIZES)
@@ -55,9 +56,9 @@ def test_floor(benchmark, objectives, name, size):
 def test_loss_and_gradient(benchmark, objectives, name, size):
     w, objective = objectives(name, size)
     benchmark.group = f"evaluation {w.label}"
-    costs = bench.evaluation_costs(w, rounds=_rounds(benchmark, 9), repeat=_rounds(benchmark, 5))
+    costs = measure.evaluation_costs(w, rounds=_rounds(benchmark, 9), repeat=_rounds(benchmark, 5))
     benchmark.extra_info.update(_stats(costs))
-    point = bench.cycling_points(objective.flat.read(), 7)
+    point = measure.cycling_points(objective.flat.read(), 7)
     f, g = benchmark(lambda: objective.value_and_grad(point()))
     assert math.isfinite(f) and g.shape == (objective.size,)
 
@@ -75,12 +76,12 @@ def test_hvp(benchmark, objectives, name, size):
 
 @pytest.fixture(scope="module")
 def same_math_costs():
-    """:func:`bench.same_math_costs` once per workload (it times every backend together)."""
+    """:func:`measure.same_math_costs` once per workload (it times every backend together)."""
     cache = {}
 
     def get(w, rounds):
         if w.label not in cache:
-            cache[w.label] = bench.same_math_costs(w, rounds=rounds, repeat=rounds)
+            cache[w.label] = measure.same_math_costs(w, rounds=rounds, repeat=rounds)
         return cache[w.label]
 
     return get
@@ -100,7 +101,7 @@ def test_same_math(benchmark, objectives, same_math_costs, name, backend):
     fn = same_math.same_math(w, backend)
     x0 = objective.flat.read()
     assert fn.value(x0) == pytest.approx(objective.value(x0), rel=1e-5), "not the reference's loss"
-    point = bench.cycling_points(x0, 7)
+    point = measure.cycling_points(x0, 7)
     f, g = benchmark(lambda: fn.value_and_grad(point()))
     assert math.isfinite(f) and g.shape == (objective.size,)
 
@@ -108,7 +109,7 @@ def test_same_math(benchmark, objectives, same_math_costs, name, backend):
 def test_dense_hessian_small_mlp(benchmark, objectives):
     w, objective = objectives("mlp", "small")
     benchmark.group = "dense Hessian mlp-small"
-    costs = bench.evaluation_costs(w, rounds=_rounds(benchmark, 3), dense_hessian=True)
+    costs = measure.evaluation_costs(w, rounds=_rounds(benchmark, 3), dense_hessian=True)
     benchmark.extra_info.update(_stats(costs))
     x0 = objective.flat.read()
     h = benchmark.pedantic(objective.hessian, args=(x0,), rounds=_rounds(benchmark, 3), iterations=1)
@@ -119,33 +120,33 @@ def test_dense_hessian_small_mlp(benchmark, objectives):
 def test_hand_written(benchmark, objectives, name):
     w, objective = objectives(name, "medium")
     benchmark.group = f"alternatives {w.label}"
-    costs = bench.hand_written_costs(w, rounds=_rounds(benchmark, 9), repeat=_rounds(benchmark, 5))
+    costs = measure.hand_written_costs(w, rounds=_rounds(benchmark, 9), repeat=_rounds(benchmark, 5))
     benchmark.extra_info.update(_stats(costs))
-    manual = bench.hand_written(w, objective.flat)
-    point = bench.cycling_points(objective.flat.read(), 7)
+    manual = measure.hand_written(w, objective.flat)
+    point = measure.cycling_points(objective.flat.read(), 7)
     benchmark(lambda: manual.value_and_grad(point()))
 
 
 def test_per_batch_loop(benchmark):
     w = workloads.make_workload("factorization", "medium")
     benchmark.group = f"alternatives {w.label}"
-    costs = bench.per_batch_loop_costs(w, rounds=_rounds(benchmark, 3))
+    costs = measure.per_batch_loop_costs(w, rounds=_rounds(benchmark, 3))
     benchmark.extra_info.update(_stats(costs))
     loop = baselines.PerBatchLoop(w.model, w.x, w.y, batch_size=32)
-    point = bench.cycling_points(loop.flat.read(), 3)
+    point = measure.cycling_points(loop.flat.read(), 3)
     benchmark.pedantic(lambda: loop.value_and_grad(point()), rounds=_rounds(benchmark, 3), iterations=1)
 
 
-@pytest.mark.parametrize("method", bench.RUN_METHODS)
+@pytest.mark.parametrize("method", measure.RUN_METHODS)
 @pytest.mark.parametrize("name", WORKLOADS)
 def test_run(benchmark, name, method):
     benchmark.group = f"runs {name}-medium"
-    if bench.skip_reason(name, method):
-        pytest.skip(bench.skip_reason(name, method))
+    if measure.skip_reason(name, method):
+        pytest.skip(measure.skip_reason(name, method))
     runs = []
 
     def run():
-        runs.append(bench.run_method(workloads.make_workload(name, "medium"), method, maxiter=RUN_MAXITER))
+        runs.append(measure.run_method(workloads.make_workload(name, "medium"), method, maxiter=RUN_MAXITER))
 
     benchmark.pedantic(run, rounds=_rounds(benchmark, 3), iterations=1)
     last = runs[-1]
@@ -161,27 +162,27 @@ def test_time_to_target(benchmark):
 
     def measure():
         configs = ((256, 1e-2),) if benchmark.disabled else ((64, 1e-2), (256, 1e-2), (1024, 1e-2))
-        adam, config, _ = bench.adam_reference("medium", seconds=ADAM_SECONDS, configs=configs)
+        adam, config, _ = measure.adam_reference("medium", seconds=ADAM_SECONDS, configs=configs)
         target = float(np.nanmin(adam[:, 1]))
-        out.update(target=target, adam_seconds=bench.time_to_target(adam, target), adam_config=list(config))
+        out.update(target=target, adam_seconds=measure.time_to_target(adam, target), adam_config=list(config))
         for method in ("L-BFGS-B", "CG", "Newton-CG", "trust-ncg", "trust-krylov"):
-            run = bench.run_method(workloads.make_workload("factorization", "medium"), method, maxiter=RUN_MAXITER)
-            out[method] = bench.time_to_target(run.trace, target)
+            run = measure.run_method(workloads.make_workload("factorization", "medium"), method, maxiter=RUN_MAXITER)
+            out[method] = measure.time_to_target(run.trace, target)
 
     benchmark.pedantic(measure, rounds=1, iterations=1)
-    best = min((v for k, v in out.items() if k in bench.RUN_METHODS and math.isfinite(v)), default=math.nan)
+    best = min((v for k, v in out.items() if k in measure.RUN_METHODS and math.isfinite(v)), default=math.nan)
     out["best_over_adam"] = best / out["adam_seconds"]
     benchmark.extra_info.update(out)
 
 
 @pytest.fixture(scope="module")
 def alternatives_comparison():
-    """:func:`bench.alternatives_time_to_target` once per workload (the target is common to all contenders)."""
+    """:func:`measure.alternatives_time_to_target` once per workload (the target is common to all contenders)."""
     cache = {}
 
     def get(name, rounds):
         if name not in cache:
-            cache[name] = bench.alternatives_time_to_target(name, "medium", maxiter=RUN_MAXITER, rounds=rounds)
+            cache[name] = measure.alternatives_time_to_target(name, "medium", maxiter=RUN_MAXITER, rounds=rounds)
         return cache[name]
 
     return get
@@ -208,14 +209,14 @@ def test_alternative_time_to_target(benchmark, alternatives_comparison, name, co
 
 
 def _jsonable(value):
-    return {"median": value.median, "min": value.lo, "max": value.hi} if isinstance(value, bench.Stat) else value
+    return {"median": value.median, "min": value.lo, "max": value.hi} if isinstance(value, measure.Stat) else value
 
 
 @pytest.mark.parametrize("factor", [1, 4, 16])
 def test_scaling(benchmark, factor):
     benchmark.group = "scaling factorization"
     rows = []
-    benchmark.pedantic(lambda: rows.extend(bench.scaling([factor])), rounds=1, iterations=1)
+    benchmark.pedantic(lambda: rows.extend(measure.scaling([factor])), rounds=1, iterations=1)
     benchmark.extra_info.update(rows[-1])
     assert rows[-1]["seconds per evaluation"] > 0
 
@@ -228,7 +229,7 @@ def test_least_squares_comparison(benchmark):
     def measure():
         # lm's MINPACK QR of the 5000 x 2689 Jacobian takes ~17 s per evaluation here: CI runs one.
         maxiter = 1 if benchmark.disabled else 10
-        target, rows = bench.least_squares_comparison("medium", maxiter=maxiter)
+        target, rows = measure.least_squares_comparison("medium", maxiter=maxiter)
         out["target"] = target
         for label, r, t in rows:
             out[label] = {"seconds": r.seconds, "nit": r.nit, "nfev": r.nfev, "njev": r.njev, "nhev": r.nhev,
@@ -242,7 +243,7 @@ def test_least_squares_comparison(benchmark):
 def test_plot_writes_a_png(tmp_path):
     """The figure of ``keras-opt-ref bench``, from synthetic traces (nothing timed)."""
     trace = np.array([[0.0, np.nan], [0.1, 1.0], [0.5, 0.1], [1.0, 0.01]])
-    run = bench.Run("factorization-medium", "L-BFGS-B", 1.0, 3, 4, 4, 0, 1.0, 0.01, "ok", trace)
-    path = tmp_path / "bench.png"
-    bench._plot([run], np.array([[0.0, 1.0], [2.0, 0.05]]), (256, 1e-2), 0.05, str(path))
+    run = measure.Run("factorization-medium", "L-BFGS-B", 1.0, 3, 4, 4, 0, 1.0, 0.01, "ok", trace)
+    path = tmp_path / "measure.png"
+    measure._plot([run], np.array([[0.0, 1.0], [2.0, 0.05]]), (256, 1e-2), 0.05, str(path))
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

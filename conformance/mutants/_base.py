@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from keras_opt_ref import core
+from keras_opt_ref import backends
+from keras_opt_ref.base.objective import Objective
 from keras_opt_ref.scipy_optimizer import ScipyTrainFunction
 
 
@@ -14,12 +15,12 @@ def factory(objective_class=None, train_class=ScipyTrainFunction):
     class Mutant(train_class):
         def _objective_for(self, *data):
             if self.objective is None and objective_class is not None and not issubclass(objective_class,
-                                                                                           core.Objective):
-                base = core.objective_class(self.model)
+                                                                                           Objective):
+                base = backends.objective_class(self.model)
                 self.objective_class = type(objective_class.__name__, (objective_class, base), {})
             return super()._objective_for(*data)
 
-    if objective_class is not None and issubclass(objective_class, core.Objective):
+    if objective_class is not None and issubclass(objective_class, Objective):
         Mutant.objective_class = objective_class
 
     def make_train_function(model, method="CG", maxiter=None, verbose=0, **options):

@@ -2,13 +2,13 @@
 
 import tensorflow as tf
 
-from keras_opt_ref import _keras
-from keras_opt_ref.objective import FullBatchObjective
+from keras_opt_ref.backends.tensorflow.objective import TensorFlowObjective
+from keras_opt_ref.base import keras_compat as _keras
 
 from ._base import factory
 
 
-class NoAddLoss(FullBatchObjective):
+class NoAddLoss(TensorFlowObjective):
     def _loss(self, batch):
         total = super()._loss(batch)
         extra = [tf.cast(loss, tf.float64) for loss in self.model.losses]

@@ -2,12 +2,12 @@
 
 import tensorflow as tf
 
-from keras_opt_ref.objective import FullBatchObjective
+from keras_opt_ref.backends.tensorflow.objective import TensorFlowObjective
 
 from ._base import factory
 
 
-class FirstChunkHvp(FullBatchObjective):
+class FirstChunkHvp(TensorFlowObjective):
     def __init__(self, *args, **kwargs):
         kwargs["chunk_size"] = 16
         super().__init__(*args, **kwargs)

@@ -2,12 +2,12 @@
 
 import tensorflow as tf
 
-from keras_opt_ref.objective import FullBatchObjective
+from keras_opt_ref.backends.tensorflow.objective import TensorFlowObjective
 
 from ._base import factory
 
 
-class LastWriteWins(FullBatchObjective):
+class LastWriteWins(TensorFlowObjective):
     def _chunk_value_and_grad(self, chunk, weight):
         with tf.GradientTape(watch_accessed_variables=False) as tape:
             tape.watch(self._tf_vars)

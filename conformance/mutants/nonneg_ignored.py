@@ -1,7 +1,7 @@
 """Keras NonNeg constraints ignored: they never become bounds, so the weights go negative."""
 
-from keras_opt_ref import methods
 from keras_opt_ref.scipy_optimizer import ScipyTrainFunction
+from keras_opt_ref.train import methods
 
 from ._base import factory
 

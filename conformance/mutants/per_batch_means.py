@@ -1,11 +1,11 @@
 """keras-opt's bug: the objective is the mean of per-batch means (wrong when batches are uneven)."""
 
-from keras_opt_ref.objective import FullBatchObjective
+from keras_opt_ref.backends.tensorflow.objective import TensorFlowObjective
 
 from ._base import factory
 
 
-class PerBatchMeans(FullBatchObjective):
+class PerBatchMeans(TensorFlowObjective):
     def __init__(self, *args, **kwargs):
         kwargs["chunk_size"] = 16  # a typical fit batch size
         super().__init__(*args, **kwargs)

@@ -2,12 +2,12 @@
 
 import tensorflow as tf
 
-from keras_opt_ref.objective import FullBatchObjective
+from keras_opt_ref.backends.tensorflow.objective import TensorFlowObjective
 
 from ._base import factory
 
 
-class NoRegularization(FullBatchObjective):
+class NoRegularization(TensorFlowObjective):
     def _loss(self, batch):
         total = super()._loss(batch)
         extra = [tf.cast(loss, tf.float64) for loss in self.model.losses]

@@ -2,12 +2,12 @@
 
 import tensorflow as tf
 
-from keras_opt_ref.objective import FullBatchObjective
+from keras_opt_ref.backends.tensorflow.objective import TensorFlowObjective
 
 from ._base import factory
 
 
-class TrainingMode(FullBatchObjective):
+class TrainingMode(TensorFlowObjective):
     def _loss(self, batch):
         x, y, sample_weight = batch
         y_pred = self.model(x, training=True)

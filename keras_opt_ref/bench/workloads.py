@@ -169,7 +169,7 @@ def make_workload(
     if size not in SIZES[name]:
         raise ValueError(f"Unknown size {size!r} for {name}; choose one of {tuple(SIZES[name])}")
     if keras is None:
-        from ._keras import default_keras
+        from ..base.keras_compat import default_keras
 
         keras = default_keras()
     keras.utils.set_random_seed(0)

@@ -1,9 +1,9 @@
 """The one place that knows which Keras a model comes from.
 
-Serves Keras 3 (>= 3.0, TensorFlow backend) and legacy tf-keras 2.x (``tf_keras``,
-selected in TensorFlow with ``TF_USE_LEGACY_KERAS=1``). Everything else in the package
-asks this module instead of touching either Keras directly, so a Keras change is
-mended here.
+Serves Keras 3 (>= 3.0, on TensorFlow, JAX or torch) and legacy tf-keras 2.x (``tf_keras``,
+selected in TensorFlow with ``TF_USE_LEGACY_KERAS=1``). Everything else in the package asks this
+module instead of touching Keras's private attributes, so a Keras change is mended here. It
+imports no framework: what it needs of one comes through Keras.
 """
 
 from __future__ import annotations
@@ -15,30 +15,31 @@ import sys
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-import tensorflow as tf
+from . import nest
 
 __all__ = [
     "STOCHASTIC_LAYERS",
     "add_loss_count",
+    "batch_level_losses",
     "calling_model",
     "default_keras",
     "fit_steps_per_epoch",
     "flavour",
     "is_builtin_loss",
     "is_compiled",
-    "is_infinite",
     "is_mean_squared_error",
     "iter_layers",
     "keep_counts_integer",
     "keras_module",
     "loss_leaves",
     "loss_reduction",
+    "numpy_batches",
     "on_compile",
     "output_mask",
     "overrides_compute_loss",
     "per_sample_values",
     "steps_per_execution",
-    "tf_variable",
+    "stateless_loss",
     "unpack_x_y_sample_weight",
     "variable_name",
     "variable_regularizers",
@@ -96,16 +97,6 @@ def is_compiled(model: Any) -> bool:
     if flavour(model) == "tf_keras":
         return bool(getattr(model, "_is_compiled", False))
     return bool(getattr(model, "compiled", False))
-
-
-def tf_variable(variable: Any) -> tf.Variable:
-    """The ``tf.Variable`` behind a Keras variable (Keras 3 wraps one; tf-keras is one)."""
-    if isinstance(variable, tf.Variable):
-        return variable
-    inner = getattr(variable, "value", None)
-    if isinstance(inner, tf.Variable):
-        return inner
-    raise TypeError(f"cannot find the tf.Variable behind {variable!r}")
 
 
 def variable_name(variable: Any) -> str:
@@ -223,12 +214,31 @@ def is_builtin_loss(loss: Any) -> bool:
     return module.startswith(("keras.", "tf_keras."))
 
 
-def per_sample_values(loss: Any, y_true: Any, y_pred: Any) -> Any:
-    """Inside a graph: a custom loss's unreduced values on a batch (``Loss.call``, or the function)."""
+def per_sample_values(model: Any, loss: Any, y_true: Any, y_pred: Any) -> Any:
+    """A custom loss's unreduced values on a batch (``Loss.call``, or the function), with ``y_true``
+    cast to a floating ``y_pred``'s dtype as Keras's loss wrappers do."""
     call = loss.call if hasattr(loss, "reduction") and hasattr(loss, "call") else loss
-    if getattr(y_pred, "dtype", None) is not None and getattr(y_pred.dtype, "is_floating", False):
-        y_true = tf.cast(y_true, y_pred.dtype)
+    dtype = getattr(y_pred, "dtype", None)
+    if dtype is not None and getattr(dtype, "is_floating", "float" in str(getattr(dtype, "name", dtype))):
+        module = keras_module(model)
+        cast = module.ops.cast if flavour(model) == "keras3" else module.backend.cast
+        y_true = cast(y_true, dtype)
     return call(y_true, y_pred)
+
+
+def batch_level_losses(model: Any, y: Any, outputs: list[Any]) -> list[str]:
+    """Inside the data check: the custom compiled losses not seen to return one value per sample
+    (one that reduces over the batch itself does not add up over chunks)."""
+    customs = [loss for loss in loss_leaves(model) if not is_builtin_loss(loss)]
+    targets = nest.flatten(y)
+    if len(customs) == 1 and len(outputs) == 1 and len(targets) == 1:
+        try:
+            values = per_sample_values(model, customs[0], targets[0], outputs[0])
+            if len(values.shape) and values.shape[0] == outputs[0].shape[0]:
+                return []
+        except Exception:  # noqa: BLE001 -- any failure means: not known to be per sample
+            pass
+    return [getattr(loss, "name", None) or getattr(loss, "__name__", None) or type(loss).__name__ for loss in customs]
 
 
 def overrides_compute_loss(model: Any) -> bool:
@@ -262,20 +272,6 @@ def calling_model(depth: int = 2) -> Any:
     except TypeError:
         return None
     return owner if hasattr(owner, "train_function") else None
-
-
-def is_infinite(iterator: Any) -> bool:
-    """Whether a data iterator fit hands over is known to never end (a ``.repeat()`` dataset).
-
-    Keras 3 passes the ``tf.data`` iterator itself; its dataset knows its cardinality.
-    """
-    dataset = getattr(iterator, "_dataset", None)
-    if dataset is None or not hasattr(dataset, "cardinality"):
-        return False
-    try:
-        return int(dataset.cardinality()) == int(tf.data.INFINITE_CARDINALITY)
-    except (TypeError, ValueError, tf.errors.OpError):
-        return False
 
 
 def on_compile(model: Any, hook: Callable[[Any, Any], None]) -> None:
@@ -323,26 +319,28 @@ def keep_counts_integer(model: Any, logs: Mapping[str, Any], counts: tuple[str, 
             history.setdefault(key, [])
 
 
-# ------------------------------------------------------------------ JAX and torch fit (Keras 3)
-def restore_jax_state(model: Any, state: tuple) -> None:
-    """JAX ``fit`` empties the model's variables for the epoch and passes their values as ``state``
-    (trainable, non-trainable, optimizer, metrics variables): put them back, so the objective and
-    ``evaluate`` see the model as it is."""
-    groups = (model.trainable_variables, model.non_trainable_variables,
-              getattr(getattr(model, "optimizer", None), "variables", []), model.metrics_variables)
-    for variables, values in zip(groups, state, strict=False):
-        for variable, value in zip(variables, values, strict=True):
-            variable.assign(value)
-
-
-def jax_state(model: Any, state: tuple) -> tuple:
-    """The state JAX ``fit`` expects back: the optimized trainable values, the rest as they are."""
-    return ([v.value for v in model.trainable_variables], *state[1:])
-
-
+# ------------------------------------------------------------------ JAX and torch (Keras 3)
 def numpy_batches(batches: list[Any]) -> list[Any]:
     """JAX / torch batches (their arrays, or NumPy) as NumPy, for the backend-neutral data checks."""
     import keras
 
-    return [tf.nest.map_structure(lambda t: None if t is None else keras.ops.convert_to_numpy(t), b)
-            for b in batches]
+    return [nest.map_data(keras.ops.convert_to_numpy, b) for b in batches]
+
+
+def stateless_loss(model: Any, trainable: list, non_trainable: list, metrics: list, batch: tuple) -> Any:
+    """Keras 3's loss on ``batch`` at the given variable values, in inference mode, as its trainers
+    compute it: ``stateless_call``, then ``stateless_compute_loss`` with the forward pass's
+    ``add_loss`` terms made visible to it (Keras's torch trainer does the same through the private
+    ``_losses_override``)."""
+    x, y, sample_weight = batch
+    kwargs = {"training": False} if model._call_has_training_arg else {}
+    y_pred, _, losses = model.stateless_call(trainable, non_trainable, x, return_losses=True, **kwargs)
+    if losses:
+        model._losses_override.clear()
+        model._losses_override = losses
+    try:
+        loss, _ = model.stateless_compute_loss(
+            trainable, non_trainable, metrics, x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=False)
+    finally:
+        model._losses_override.clear()
+    return loss

@@ -29,13 +29,15 @@ import numpy as np
 import scipy.sparse.linalg
 import tensorflow as tf
 
-from . import _keras, checks
-from .checks import NotSquaredErrorError
-from .objective import FullBatchObjective, _dot, check_hessian_size
+from ...base import checks
+from ...base import keras_compat as _keras
+from ...base.checks import NotSquaredErrorError
+from ...base.objective import check_hessian_size
+from .graphs import _dot
+from .objective import TensorFlowObjective
 
 __all__ = ["JacobianTooLargeError", "LeastSquaresObjective", "NotSquaredErrorError"]
 
-DEFAULT_MAX_JACOBIAN_BYTES = 512 * 2**20
 JACOBIAN_BLOCK_BYTES = 64 * 2**20
 
 
@@ -43,29 +45,27 @@ class JacobianTooLargeError(ValueError):
     """The dense Jacobian would not fit the configured limit."""
 
 
-class LeastSquaresObjective(FullBatchObjective):
-    """A :class:`FullBatchObjective` whose loss is also available as residuals ``r(x)``.
+class LeastSquaresObjective(TensorFlowObjective):
+    """A :class:`TensorFlowObjective` whose loss is also available as residuals ``r(x)``.
 
-    Extra parameter ``max_jacobian_bytes`` bounds the dense Jacobian (:meth:`jacobian`).
+    The setting ``max_jacobian_bytes`` bounds the dense Jacobian (:meth:`jacobian`).
     Refuses, before any optimization, a loss other than the mean squared error, regularizers
     other than L2 on weights, ``add_loss`` terms, masked outputs and negative sample weights;
     and checks that ``r . r`` equals Keras's loss at the starting point (the train function
     checks again at the end of a least-squares run).
     """
 
-    def __init__(self, model: Any, x: Any, y: Any = None, sample_weight: Any = None, *,
-                 max_jacobian_bytes: int = DEFAULT_MAX_JACOBIAN_BYTES, **kwargs: Any) -> None:
-        super().__init__(model, x, y, sample_weight, **kwargs)
-        self.max_jacobian_bytes = int(max_jacobian_bytes)
+    def __init__(self, model: Any, x: Any, y: Any = None, sample_weight: Any = None, **settings: Any) -> None:
+        super().__init__(model, x, y, sample_weight, **settings)
         self._loss_weights = _output_loss_weights(model, self.facts.output_names)
         self._l2 = _l2_coefficients(model, self.flat)
         self.nrev = self.njev = 0
         self.check_consistent(self.flat.read())
 
     # --------------------------------------------------------------- layout
-    def set_data(self, x: Any, y: Any = None, sample_weight: Any = None) -> None:
-        held = getattr(self, "_chunks", None)
-        super().set_data(x, y, sample_weight)
+    def _hold_data(self, dense: tuple[Any, Any, Any]) -> None:
+        held = self._chunks
+        super()._hold_data(dense)
         checks.check_residual_model(self.facts)
         _, data_y, sw = self.data
         if data_y is None:

@@ -12,11 +12,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import tensorflow as tf
 
-from . import _keras
+from . import keras_compat
 
-__all__ = ["FlatVariables"]
+__all__ = ["FlatVariables", "numpy_dtype"]
 
 
 @dataclass(frozen=True)
@@ -26,13 +25,14 @@ class FlatVariables:
     Parameters
     ----------
     variables
-        Keras 3 or tf-keras variables (or ``tf.Variable``), in vector order.
+        Keras 3 or tf-keras variables (or ``tf.Variable``), in vector order. ``dtypes`` are NumPy
+        dtypes; the backends add their own side (``backends.tensorflow.objective.GraphFlatVariables``).
     """
 
     variables: tuple[Any, ...]
     names: tuple[str, ...]
     shapes: tuple[tuple[int, ...], ...]
-    dtypes: tuple[tf.DType, ...]
+    dtypes: tuple[np.dtype, ...]
     sizes: tuple[int, ...]
     offsets: tuple[int, ...]
 
@@ -44,9 +44,9 @@ class FlatVariables:
         offsets = tuple(int(o) for o in np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]))
         return cls(
             variables=variables,
-            names=tuple(_keras.variable_name(v) for v in variables),
+            names=tuple(keras_compat.variable_name(v) for v in variables),
             shapes=shapes,
-            dtypes=tuple(tf.as_dtype(v.dtype) for v in variables),
+            dtypes=tuple(numpy_dtype(v.dtype) for v in variables),
             sizes=sizes,
             offsets=offsets,
         )
@@ -57,7 +57,7 @@ class FlatVariables:
         return self.offsets[-1]
 
     @property
-    def common_dtype(self) -> tf.DType:
+    def common_dtype(self) -> np.dtype:
         """The variables' dtype if they all share one, else float64.
 
         The objective hands ``x`` to its graphs in this dtype: rounding a float64 vector to
@@ -65,7 +65,7 @@ class FlatVariables:
         bytes cross into TensorFlow.
         """
         dtypes = set(self.dtypes)
-        return dtypes.pop() if len(dtypes) == 1 else tf.float64
+        return dtypes.pop() if len(dtypes) == 1 else np.dtype(np.float64)
 
     def __len__(self) -> int:
         return len(self.variables)
@@ -99,13 +99,13 @@ class FlatVariables:
     def write(self, x: np.ndarray) -> None:
         """Assign a flat vector to the variables (eagerly, cast to each variable's dtype)."""
         for v, value, dtype in zip(self.variables, self.unpack(x), self.dtypes, strict=True):
-            v.assign(value.astype(dtype.as_numpy_dtype))
+            v.assign(value.astype(dtype))
 
     def as_held(self, x: np.ndarray) -> np.ndarray:
         """``x`` as the variables would hold it: each part rounded to its variable's dtype (float64)."""
         x = self.as_vector(x)
         return np.concatenate(
-            [x[self.slice(i)].astype(d.as_numpy_dtype).astype(np.float64) for i, d in enumerate(self.dtypes)]
+            [x[self.slice(i)].astype(d).astype(np.float64) for i, d in enumerate(self.dtypes)]
             or [np.zeros(0)]
         )
 
@@ -116,23 +116,7 @@ class FlatVariables:
             raise ValueError(f"expected a flat vector of shape ({self.size},), got {x.shape}")
         return x
 
-    # --- graph side ------------------------------------------------------------
-    def split(self, x: tf.Tensor) -> list[tf.Tensor]:
-        """Inside a graph: split a flat vector into tensors shaped and typed like the variables."""
-        return [
-            tf.cast(tf.reshape(x[self.offsets[i] : self.offsets[i + 1]], shape), dtype)
-            for i, (shape, dtype) in enumerate(zip(self.shapes, self.dtypes, strict=True))
-        ]
 
-    def concat(self, tensors: Sequence[Any]) -> tf.Tensor:
-        """Inside a graph: one float64 vector from per-variable tensors.
-
-        ``IndexedSlices`` are densified (duplicate indices summed); ``None`` becomes zeros.
-        """
-        parts = []
-        for t, shape in zip(tensors, self.shapes, strict=True):
-            if t is None:
-                parts.append(tf.zeros([int(np.prod(shape, dtype=np.int64))], tf.float64))
-                continue
-            parts.append(tf.reshape(tf.cast(tf.convert_to_tensor(t), tf.float64), [-1]))
-        return tf.concat(parts, axis=0) if parts else tf.zeros([0], tf.float64)
+def numpy_dtype(dtype: Any) -> np.dtype:
+    """A variable's dtype as NumPy's (Keras 3 gives a name, tf-keras a ``tf.DType``)."""
+    return np.dtype(getattr(dtype, "as_numpy_dtype", dtype))

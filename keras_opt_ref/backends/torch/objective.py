@@ -14,8 +14,8 @@ from ``x``, never through the model's variables.
 - dense Hessian: one HVP per unit vector, each chunk's gradient graph built once and reused
   (memory: one chunk's graph plus ``H``).
 
-The data lives on the model's device, cut into chunks of ``chunk_size`` rows (``core.Chunks``); a
-Python loop walks them, each chunk's loss weighted by its share (``checks.chunk_rule``) and summed
+The data lives on the model's device, cut into chunks of ``chunk_size`` rows (``base.data.Chunks``); a
+Python loop walks them, each chunk's loss weighted by its share (``base.checks.chunk_rule``) and summed
 in float64. Eager torch throughout: ``torch.compile`` of a chunk's loss cost ~50 s of compilation
 for 1.3x faster values and gradients on the mlp workload, moved them by float32 rounding, and
 refuses the double backward of the HVP, so ``jit_compile`` is accepted and not used.
@@ -28,97 +28,49 @@ Keras's loss as Keras computes it, derivatives exact for that computation.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-import tensorflow as tf
 import torch
 
-from . import checks, methods
-from .core import (
-    DEFAULT_CHUNK_SIZE,
-    DEFAULT_MAX_DATA_BYTES,
-    DEFAULT_MAX_HESSIAN_PARAMS,
-    Chunks,
-    Objective,
-    eager_facts,
-    numpy_data,
-    weight_regularization,
-)
-from .flat import FlatVariables
+from ...base import checks, keras_compat, nest
+from ...base.data import Chunks
+from ...base.objective import Objective, weight_regularization
 
 __all__ = ["TorchObjective"]
 
 
 class TorchObjective(Objective):
-    """Keras's full-batch loss on the torch backend; parameters as ``objective.FullBatchObjective``
+    """Keras's full-batch loss on the torch backend; parameters as :class:`~keras_opt_ref.base.objective.Objective`
     (``jit_compile`` is accepted and not used: eager torch, see the module docstring;
     ``hvp_mode=None`` is reverse-over-reverse)."""
 
     backend = "torch"
 
-    def __init__(
-        self,
-        model: Any,
-        x: Any,
-        y: Any = None,
-        sample_weight: Any = None,
-        *,
-        chunk_size: int = DEFAULT_CHUNK_SIZE,
-        jit_compile: bool | None = None,
-        hvp_mode: str | None = None,
-        max_hessian_params: int = DEFAULT_MAX_HESSIAN_PARAMS,
-        deterministic: bool = False,
-        max_data_bytes: int = DEFAULT_MAX_DATA_BYTES,
-    ) -> None:
-        settings = methods.check_settings(
-            chunk_size=chunk_size, jit_compile=jit_compile, hvp_mode=hvp_mode, max_hessian_params=max_hessian_params,
-            deterministic=deterministic, max_data_bytes=max_data_bytes,
-        )
-        checks.check_model(model, deterministic=deterministic)
-        checks.check_trainable(model)
-        self.model = model
-        self.chunk_size = settings["chunk_size"]
-        self.max_data_bytes = settings["max_data_bytes"]
-        self.hvp_mode = settings["hvp_mode"]
-        self.max_hessian_params = settings["max_hessian_params"]
+    def _setup(self) -> None:
         self.jit_compile = False  # measured not to pay (module docstring)
-        self.flat = FlatVariables.from_variables(model.trainable_variables)
-        self._dtype = self.flat.common_dtype.as_numpy_dtype
+        self._dtype = self.flat.common_dtype
         self._torch_dtype = _torch_dtype(self._dtype)
-        self._device = model.trainable_variables[0].value.device
-        self.set_data(x, y, sample_weight)
-        self.reset_counters()
+        self._device = self.model.trainable_variables[0].value.device
 
     # ------------------------------------------------------------------ data
-    def set_data(self, x: Any, y: Any = None, sample_weight: Any = None) -> None:
-        """Hold a new training set on the model's device (validated; the same functions serve any data)."""
-        data = checks.as_tensors((x, y, sample_weight), self.max_data_bytes)
-        self.num_samples = n = checks.check_data(data)
-        data = numpy_data(data)
-        self.facts = eager_facts(self.model, data, self.chunk_size, self._tensor)
-        self.rule, why = checks.chunk_rule(self.model, self.facts, data[2])
-        rows = self.chunk_size
-        if n > rows and not self.rule:
-            warnings.warn(
-                f"All {n} samples are evaluated in one piece, not in chunks of chunk_size={rows}: {why}, so chunk "
-                "values do not add up to Keras's loss. Memory is not bounded by chunk_size here.",
-                UserWarning,
-                stacklevel=3,
-            )
-            rows = n
-        self.rule = self.rule or "rows"
+    def _loss_facts(self, data: tuple[Any, Any, Any]) -> checks.LossFacts:
+        import keras  # its default device: where the model's variables live
+
+        return checks.loss_facts_eagerly(self.model, data, self.chunk_size, keras.ops.convert_to_tensor)
+
+    def _hold(self, data: tuple[Any, Any, Any], rows: int) -> None:
+        """Hold the training set on the model's device, in chunks."""
         chunks = Chunks(data, rows, self.rule)
         self._numpy_data = data
 
         def to_device(tree: Any) -> Any:
-            return tf.nest.map_structure(lambda t: None if t is None else self._tensor(t), tree)
+            return nest.map_data(self._tensor, tree)
 
         # (batch, share) per chunk; a batch of None is rule "sum"'s regularizer correction.
         head = to_device(chunks.head)
-        self._pieces = [(tf.nest.map_structure(lambda t, i=i: None if t is None else t[i], head), float(share))
+        self._pieces = [(nest.map_data(lambda t, i=i: t[i], head), float(share))
                         for i, share in enumerate(chunks.head_shares)]
         if chunks.has_tail:
             self._pieces.append((to_device(chunks.tail), chunks.tail_share))
@@ -126,7 +78,6 @@ class TorchObjective(Objective):
             self._pieces.append((None, chunks.extra_regularizers))
         self._state = ([v.value.detach().clone() for v in self.model.non_trainable_variables],
                        [v.value.detach().clone() for v in self.model.metrics_variables])
-        self.forget()
 
     @property
     def data(self) -> tuple[Any, Any, Any]:
@@ -136,7 +87,7 @@ class TorchObjective(Objective):
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
         return torch.tensor(np.asarray(array), device=self._device)
 
-    # ------------------------------------------------------ the backend's part (core.Objective)
+    # ------------------------------------------------------ the backend's part (base.objective.Objective)
     def _compute_value(self, x: np.ndarray) -> float:
         with torch.no_grad():
             w = self._leaf(x, grad=False)
@@ -172,7 +123,7 @@ class TorchObjective(Objective):
         return torch.from_numpy(x.astype(self._dtype)).to(self._device).requires_grad_(grad)
 
     def _split(self, w: torch.Tensor) -> list[torch.Tensor]:
-        return [w[self.flat.slice(i)].reshape(shape).to(_torch_dtype(dtype.as_numpy_dtype))
+        return [w[self.flat.slice(i)].reshape(shape).to(_torch_dtype(dtype))
                 for i, (shape, dtype) in enumerate(zip(self.flat.shapes, self.flat.dtypes, strict=True))]
 
     def _piece_loss(self, w: torch.Tensor, piece: tuple[Any, float]) -> torch.Tensor:
@@ -182,19 +133,8 @@ class TorchObjective(Objective):
         trainable = self._split(w)
         if batch is None:  # each chunk's loss held the weight regularizers; count them once
             return share * torch.as_tensor(weight_regularization(self.flat, trainable)).double()
-        model, (non_trainable, metrics) = self.model, self._state
-        x, y, sample_weight = batch
-        kwargs = {"training": False} if model._call_has_training_arg else {}
-        y_pred, _, losses = model.stateless_call(trainable, non_trainable, x, return_losses=True, **kwargs)
-        if losses:  # the forward pass's add_loss terms, made visible to compute_loss as Keras's trainers do
-            model._losses_override.clear()
-            model._losses_override = losses
-        try:
-            loss, _ = model.stateless_compute_loss(
-                trainable, non_trainable, metrics, x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=False)
-        finally:
-            model._losses_override.clear()
-        return share * loss.double()
+        non_trainable, metrics = self._state
+        return share * keras_compat.stateless_loss(self.model, trainable, non_trainable, metrics, batch).double()
 
     def _hvps(self, x: np.ndarray, count: int, vector: Callable[[int], torch.Tensor]) -> np.ndarray:
         """``H(x) @ vector(i)`` for ``i < count`` as the rows of a float64 array, chunk by chunk:

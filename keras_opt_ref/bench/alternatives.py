@@ -38,8 +38,8 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from ..backends.tensorflow.flat import GraphFlatVariables as FlatVariables
 from . import same_math
-from .flat import FlatVariables
 from .workloads import Workload
 
 __all__ = ["CONTENDERS", "FTOL", "GTOL", "Contender", "ContenderRun", "make_contender", "skip_reason"]
@@ -241,7 +241,7 @@ class TorchLbfgs(Contender):
         self.torch = torch
         flat = FlatVariables.from_variables(workload.model.trainable_variables)
         loss, order, data = same_math.workload_math(workload, flat)
-        self.dtype = torch.float64 if flat.common_dtype == tf.float64 else torch.float32
+        self.dtype = torch.float64 if flat.common_dtype == np.float64 else torch.float32
         data = [torch.from_numpy(d).to(self.dtype if d.dtype.kind == "f" else torch.int64) for d in data]
         ops = same_math.Ops(tanh=torch.tanh, take_rows=lambda t, i: torch.index_select(t, 0, i),
                             sum_rows=lambda t: torch.sum(t, dim=1), mean=torch.mean)

@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 import scipy.optimize
 
-from .flat import FlatVariables
+from ..base.flat import FlatVariables
+from ..base.settings import check_whole
 
 __all__ = [
     "ALL_METHOD_NAMES",
@@ -25,7 +26,6 @@ __all__ = [
     "METHODS",
     "Method",
     "check_option",
-    "check_settings",
     "resolve_method",
     "scipy_bounds",
     "solver_options",
@@ -201,7 +201,7 @@ def check_option(name: str, value: Any, method: Method | None = None) -> Any:
     if rule in ("count", "integer", "level"):
         least = {"count": 1, "level": 0, "integer": None}[rule]
         try:
-            return _check_whole(name, value, least)
+            return check_whole(name, value, least)
         except ValueError as exc:
             raise ValueError(f"{exc}{where}") from None
     value = float(value)
@@ -215,53 +215,6 @@ def check_option(name: str, value: Any, method: Method | None = None) -> Any:
     if not ok or (rule != "real" and not math.isfinite(value)):
         raise ValueError(f"{name} must be {what}{where}, got {value!r}")
     return value
-
-
-HVP_MODES = ("reverse-over-reverse", "forward-over-reverse")
-
-
-def check_settings(**settings: Any) -> dict[str, Any]:
-    """keras_opt_ref's own settings, checked the same way; returns them normalized.
-
-    ``chunk_size``, ``max_jacobian_bytes`` and ``max_data_bytes`` are positive integers,
-    ``max_hessian_params`` an integer >= 0, ``verbose`` an integer >= 0, ``tol`` a number >= 0
-    or None, ``deterministic`` a bool, ``jit_compile`` a bool or None, ``hvp_mode`` one of
-    ``HVP_MODES`` or None.
-    """
-    out = {}
-    for name, value in settings.items():
-        if name in ("deterministic", "jit_compile"):
-            if not (isinstance(value, (bool, np.bool_)) or (value is None and name == "jit_compile")):
-                allowed = "True, False or None" if name == "jit_compile" else "True or False"
-                raise TypeError(f"{name} must be {allowed}, got {value!r}")
-            out[name] = value if value is None else bool(value)
-        elif name == "tol":
-            out[name] = None if value is None else check_option("tol", value)
-        elif name == "verbose":
-            out[name] = check_option("verbose", value)
-        elif name == "hvp_mode":
-            if value is not None and value not in HVP_MODES:
-                raise ValueError(f"Unknown hvp_mode {value!r}; choose one of {HVP_MODES} (None: the first)")
-            out[name] = HVP_MODES[0] if value is None else value
-        elif name in _SETTING_RULES:
-            out[name] = _check_whole(name, value, _SETTING_RULES[name])
-        else:
-            raise TypeError(f"unknown setting {name!r}")
-    return out
-
-
-_SETTING_RULES = {"chunk_size": 1, "max_jacobian_bytes": 1, "max_data_bytes": 1, "max_hessian_params": 0}
-
-
-def _check_whole(name: str, value: Any, least: int | None) -> int:
-    what = {1: "a positive integer", None: "an integer"}.get(least, f"an integer >= {least}")
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be {what}, got {value!r} of type {type(value).__name__}")
-    if not (isinstance(value, numbers.Integral) or (math.isfinite(value) and float(value).is_integer())):
-        raise ValueError(f"{name} must be {what}, got {value!r} (not a whole number)")
-    if least is not None and int(value) < least:
-        raise ValueError(f"{name} must be {what}, got {value!r}")
-    return int(value)
 
 
 BoundsSpec = Any  # (lo, hi) | {variable name: (lo, hi)} | [(lo, hi) per variable] | None

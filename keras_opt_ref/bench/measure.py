@@ -27,10 +27,12 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from . import _keras, alternatives, baselines, same_math, workloads
-from .flat import FlatVariables
-from .objective import FullBatchObjective
-from .scipy_optimizer import make_train_function
+from ..backends.tensorflow.flat import GraphFlatVariables as FlatVariables
+from ..backends.tensorflow.flat import tf_variable
+from ..backends.tensorflow.objective import TensorFlowObjective
+from ..base import keras_compat as _keras
+from ..scipy_optimizer import make_train_function
+from . import alternatives, baselines, same_math, workloads
 
 __all__ = [
     "RUN_METHODS",
@@ -109,10 +111,10 @@ def round_robin(fns: dict[str, Callable[[], Any]], rounds: int = 15, repeat: int
     return {name: np.array(t) for name, t in times.items()}
 
 
-def floor_function(objective: FullBatchObjective) -> Callable[[], tuple[float, np.ndarray]]:
+def floor_function(objective: TensorFlowObjective) -> Callable[[], tuple[float, np.ndarray]]:
     """One bare compiled value-and-gradient call at the variables' current values."""
     model = objective.model
-    tf_vars = [_keras.tf_variable(v) for v in objective.flat.variables]
+    tf_vars = [tf_variable(v) for v in objective.flat.variables]
     x, y, sample_weight = objective.data
 
     @tf.function(jit_compile=objective.jit_compile)
@@ -146,7 +148,7 @@ def evaluation_costs(
     workload: workloads.Workload, *, rounds: int = 15, repeat: int = 5, dense_hessian: bool = False, **objective_kwargs
 ) -> dict[str, Stat]:
     """Seconds per floor, loss+gradient, HVP (and dense Hessian) call, and their ratios."""
-    objective = FullBatchObjective(workload.model, workload.x, workload.y, **objective_kwargs)
+    objective = TensorFlowObjective(workload.model, workload.x, workload.y, **objective_kwargs)
     floor = floor_function(objective)
     x0 = objective.flat.read()
     p = np.random.default_rng(1).normal(size=x0.size)
@@ -180,7 +182,7 @@ def same_math_costs(
     ``b`` each backend and ``"best"`` (per round, the faster backend): ``"loss+grad / b same-math"``,
     ``"hvp / b same-math hvp"``, ``"b same-math hvp / loss+grad"``; and the reference's ``"hvp / loss+grad"``.
     """
-    objective = FullBatchObjective(workload.model, workload.x, workload.y)
+    objective = TensorFlowObjective(workload.model, workload.x, workload.y)
     x0 = objective.flat.read()
     p = np.random.default_rng(1).normal(size=x0.size)
     point = cycling_points(x0, 7)
@@ -230,7 +232,7 @@ def _check_compiled_once(calls: dict[str, Callable[[np.ndarray, np.ndarray], Any
 
 def per_batch_loop_costs(workload: workloads.Workload, *, batch_size: int = 32, rounds: int = 3) -> dict[str, Stat]:
     """Reference loss+gradient against a Python loop over mini-batches (the earlier designs)."""
-    objective = FullBatchObjective(workload.model, workload.x, workload.y)
+    objective = TensorFlowObjective(workload.model, workload.x, workload.y)
     loop = baselines.PerBatchLoop(workload.model, workload.x, workload.y, batch_size=batch_size)
     point = cycling_points(objective.flat.read(), 5)
     t = round_robin(
@@ -255,7 +257,7 @@ def hand_written(workload: workloads.Workload, flat: Any) -> Any:
 
 def hand_written_costs(workload: workloads.Workload, *, rounds: int = 15, repeat: int = 5) -> dict[str, Stat]:
     """Reference loss+gradient against analytic NumPy / scipy.sparse code for the same loss."""
-    objective = FullBatchObjective(workload.model, workload.x, workload.y)
+    objective = TensorFlowObjective(workload.model, workload.x, workload.y)
     manual = hand_written(workload, objective.flat)
     point = cycling_points(objective.flat.read(), 7)
     t = round_robin(
@@ -388,7 +390,7 @@ def alternatives_time_to_target(
     """
     label = workloads.make_workload(name, size).label
     judge_w = workloads.make_workload(name, size)
-    judge = FullBatchObjective(judge_w.model, judge_w.x, judge_w.y)
+    judge = TensorFlowObjective(judge_w.model, judge_w.x, judge_w.y)
     start = judge.value(judge.flat.read())  # before judging: every evaluation sets the judge's weights
     skipped = {c: alternatives.skip_reason(c) for c in contenders if alternatives.skip_reason(c)}
     runners = {c: alternatives.make_contender(c, workloads.make_workload(name, size), maxiter)
@@ -439,7 +441,7 @@ def adam_reference(
     traces = {}
     for batch_size, lr in configs:
         w = workloads.make_workload("factorization", size)
-        objective = FullBatchObjective(w.model, w.x, w.y)
+        objective = TensorFlowObjective(w.model, w.x, w.y)
 
         def full_batch_loss(objective=objective) -> float:
             return objective.value(objective.flat.read())
@@ -482,7 +484,7 @@ def scaling_probe(factor: int, *, chunk_size: int | None = None, evaluations: in
     model = workloads.factorization_model(keras, data.n_users, data.n_items)
     model.compile(loss="mse")
     kwargs = {} if chunk_size is None else {"chunk_size": chunk_size}
-    objective = FullBatchObjective(model, data.x, data.ratings, **kwargs)
+    objective = TensorFlowObjective(model, data.x, data.ratings, **kwargs)
     point = cycling_points(objective.flat.read(), 3)
     objective.value_and_grad(point())
     times = []

@@ -17,7 +17,7 @@ one flat vector, with no model, no variables and no Keras in the loop:
 - ``"jax"`` (optional, ``pip install keras-opt-ref[jax]``): ``jax.jit(jax.value_and_grad(loss))``,
   the HVP as ``jax.jvp`` of ``jax.grad`` (forward-over-reverse, JAX's recommended form).
 
-Both take and return float64 NumPy, as :class:`~keras_opt_ref.objective.FullBatchObjective`
+Both take and return float64 NumPy, as :class:`~keras_opt_ref.objective.TensorFlowObjective`
 does: ``x`` is rounded to the compute dtype on the host, and the loss and gradient come back
 as one float64 vector. The math itself is written once, against a few array operations
 (:class:`Ops`) that each backend supplies.
@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from .flat import FlatVariables
+from ..backends.tensorflow.flat import GraphFlatVariables as FlatVariables
 from .workloads import Workload
 
 __all__ = ["BACKENDS", "TF_HVP_MODES", "Ops", "SameMath", "backend_skip_reason", "same_math", "workload_math"]
@@ -270,7 +270,7 @@ def same_math(workload: Workload, backend: str = "tensorflow", **options: Any) -
         raise ImportError(reason)
     flat = FlatVariables.from_variables(workload.model.trainable_variables)
     loss, order, data = workload_math(workload, flat)
-    dtype = flat.common_dtype.as_numpy_dtype
+    dtype = flat.common_dtype
     if backend == "jax":
         return JaxSameMath(loss, flat, order, data, dtype, **options)
     return TensorFlowSameMath(loss, flat, order, data, dtype, **options)

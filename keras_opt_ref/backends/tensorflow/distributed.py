@@ -2,7 +2,7 @@
 
 When the model's variables belong to a strategy (``MirroredStrategy`` over the devices of one
 machine, ``MultiWorkerMirroredStrategy`` over machines), ``f(x)`` is still Keras's loss over the
-whole training set, as :class:`~keras_opt_ref.objective.FullBatchObjective` computes it on one
+whole training set, as :class:`~keras_opt_ref.backends.tensorflow.objective.TensorFlowObjective` computes it on one
 device. What changes is where the rows live and who sums them:
 
 - each local replica holds a contiguous shard of the rows ``fit`` gave this process, on its own
@@ -30,8 +30,10 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from . import checks
-from .objective import PEER_ERRORS, FullBatchObjective, _map_data
+from ...base import checks
+from .flat import tf_variable
+from .graphs import _map_data
+from .objective import PEER_ERRORS, TensorFlowObjective
 
 __all__ = ["DistributedObjective", "WorkerFailedError", "strategy_of"]
 
@@ -40,8 +42,6 @@ _SUM = tf.distribute.ReduceOp.SUM
 
 def strategy_of(model: Any) -> Any:
     """The ``tf.distribute`` strategy the model's variables were created under, or ``None``."""
-    from ._keras import tf_variable
-
     for variable in model.trainable_variables:
         var = tf_variable(variable)
         if isinstance(var, tf.distribute.DistributedValues):
@@ -53,9 +53,9 @@ class WorkerFailedError(RuntimeError):
     """Another worker of a multi-worker run failed: the all-reduce cannot complete."""
 
 
-class DistributedObjective(FullBatchObjective):
+class DistributedObjective(TensorFlowObjective):
     """Keras's full-batch loss with the data sharded over the model's ``tf.distribute`` strategy;
-    parameters as :class:`~keras_opt_ref.objective.FullBatchObjective`."""
+    parameters as :class:`~keras_opt_ref.backends.tensorflow.objective.TensorFlowObjective`."""
 
     def __init__(self, model: Any, x: Any, y: Any = None, sample_weight: Any = None, **settings: Any) -> None:
         self.strategy = strategy_of(model)
@@ -66,13 +66,14 @@ class DistributedObjective(FullBatchObjective):
         super().__init__(model, x, y, sample_weight, **settings)
 
     # ------------------------------------------------------------------ data
-    def _hold(self, data: tuple[Any, Any, Any], why: str) -> None:
-        if not self.rule:
-            raise ValueError(
-                f"This model's loss cannot be split across the {self.strategy.num_replicas_in_sync} replicas of "
-                f"{type(self.strategy).__name__} exactly: {why}. Train it without a strategy (build the model "
-                "outside strategy.scope()), where it is evaluated in one piece."
-            )
+    def _without_rule(self, n: int, rows: int) -> int:
+        raise ValueError(
+            f"This model's loss cannot be split across the {self.strategy.num_replicas_in_sync} replicas of "
+            f"{type(self.strategy).__name__} exactly: {self.why}. Train it without a strategy (build the model "
+            "outside strategy.scope()), where it is evaluated in one piece."
+        )
+
+    def _hold(self, data: tuple[Any, Any, Any], rows: int) -> None:
         local = list(self.strategy.extended.worker_devices)
         n = self.num_samples
         if n < len(local):

@@ -87,7 +87,10 @@ def _worker(job: str, params: dict[str, Any]) -> dict[str, Any]:
     import numpy as np
     import tensorflow as tf
 
-    from . import _keras, core, scipy_optimizer, workloads
+    from .. import backends as core
+    from .. import scipy_optimizer
+    from ..base import keras_compat as _keras
+    from . import workloads
 
     keras = _keras.default_keras()
     if hasattr(keras, "config") and hasattr(keras.config, "disable_traceback_filtering"):
@@ -185,9 +188,9 @@ def _fit_or_run(model: Any, x: Any, y: Any, strategy: Any, params: dict[str, Any
 
 
 def _die_after(evaluations: int) -> None:
-    from .objective import FullBatchObjective
+    from ..backends.tensorflow.objective import TensorFlowObjective
 
-    compute, calls = FullBatchObjective._compute_value_and_grad, [0]
+    compute, calls = TensorFlowObjective._compute_value_and_grad, [0]
 
     def dying(self: Any, x: Any) -> Any:
         calls[0] += 1
@@ -195,7 +198,7 @@ def _die_after(evaluations: int) -> None:
             os._exit(3)
         return compute(self, x)
 
-    FullBatchObjective._compute_value_and_grad = dying
+    TensorFlowObjective._compute_value_and_grad = dying
 
 
 def _summary(model: Any, strategy: Any) -> dict[str, Any]:

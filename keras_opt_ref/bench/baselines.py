@@ -23,8 +23,9 @@ import numpy as np
 import scipy.sparse
 import tensorflow as tf
 
-from . import _keras
-from .flat import FlatVariables
+from ..backends.tensorflow.flat import GraphFlatVariables as FlatVariables
+from ..backends.tensorflow.flat import tf_variable
+from ..base import keras_compat as _keras
 from .workloads import FactorizationData
 
 __all__ = ["HandWrittenFactorization", "HandWrittenLinear", "PerBatchLoop", "adam_trace"]
@@ -114,7 +115,7 @@ class PerBatchLoop:
         self.batch_size = int(batch_size)
         self.x, self.y = x, y
         self.n = len(tf.nest.flatten(y)[0])
-        tf_vars = [_keras.tf_variable(v) for v in self.flat.variables]
+        tf_vars = [tf_variable(v) for v in self.flat.variables]
 
         @tf.function(jit_compile=jit_compile, reduce_retracing=True)
         def batch_value_and_grad(xb, yb):

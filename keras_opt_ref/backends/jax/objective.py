@@ -10,9 +10,9 @@ Everything is stateless: the weights enter as arguments, never through the model
   the gradient of ``<grad, p>``);
 - dense Hessian: ``jax.lax.map`` of the HVP over the unit vectors (memory: one HVP plus ``H``).
 
-The data lives on the device, cut into chunks of ``chunk_size`` rows (``core.Chunks``); a
+The data lives on the device, cut into chunks of ``chunk_size`` rows (``base.data.Chunks``); a
 ``jax.lax.scan`` walks them, so memory is bounded by a chunk, and each chunk's loss is weighted
-by its share (``checks.chunk_rule``). Data and weights are arguments of the jitted functions,
+by its share (``base.checks.chunk_rule``). Data and weights are arguments of the jitted functions,
 so a new epoch's data of the same shapes reuses the compiled code.
 
 float64 models need ``jax.config.update("jax_enable_x64", True)``; without it JAX would silently
@@ -22,93 +22,45 @@ unless x64 is on.
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import checks, methods
-from .core import (
-    DEFAULT_CHUNK_SIZE,
-    DEFAULT_MAX_DATA_BYTES,
-    DEFAULT_MAX_HESSIAN_PARAMS,
-    Chunks,
-    Objective,
-    eager_facts,
-    numpy_data,
-    weight_regularization,
-)
-from .flat import FlatVariables
+from ...base import checks
+from ...base.data import Chunks
+from ...base.objective import Objective, weight_regularization
 
 __all__ = ["JaxObjective"]
 
 
 class JaxObjective(Objective):
-    """Keras's full-batch loss on the JAX backend; parameters as ``objective.FullBatchObjective``
-    (``jit_compile=False`` runs the functions without ``jax.jit``)."""
+    """Keras's full-batch loss on the JAX backend; parameters as :class:`~keras_opt_ref.base.objective.Objective`
+    (``jit_compile=False`` runs the functions without ``jax.jit``; ``hvp_mode=None`` is
+    forward-over-reverse, JAX's own way: both are exact)."""
 
     backend = "jax"
+    default_hvp_mode = "forward-over-reverse"
 
-    def __init__(
-        self,
-        model: Any,
-        x: Any,
-        y: Any = None,
-        sample_weight: Any = None,
-        *,
-        chunk_size: int = DEFAULT_CHUNK_SIZE,
-        jit_compile: bool | None = None,
-        hvp_mode: str | None = None,
-        max_hessian_params: int = DEFAULT_MAX_HESSIAN_PARAMS,
-        deterministic: bool = False,
-        max_data_bytes: int = DEFAULT_MAX_DATA_BYTES,
-    ) -> None:
-        settings = methods.check_settings(
-            chunk_size=chunk_size, jit_compile=jit_compile, hvp_mode=hvp_mode, max_hessian_params=max_hessian_params,
-            deterministic=deterministic, max_data_bytes=max_data_bytes,
-        )
-        checks.check_model(model, deterministic=deterministic)
-        checks.check_trainable(model)
-        self.model = model
-        self.chunk_size = settings["chunk_size"]
-        self.max_data_bytes = settings["max_data_bytes"]
-        self.hvp_mode = hvp_mode or "forward-over-reverse"  # JAX's own way; both are exact
-        self.max_hessian_params = settings["max_hessian_params"]
-        self.jit_compile = jit_compile is not False
-        self.flat = FlatVariables.from_variables(model.trainable_variables)
-        wide = [n for n, d in zip(self.flat.names, self.flat.dtypes, strict=True) if d.size == 8]
+    def _setup(self) -> None:
+        wide = [n for n, d in zip(self.flat.names, self.flat.dtypes, strict=True) if d.itemsize == 8]
         if wide and not jax.config.jax_enable_x64:
             raise TypeError(
                 f"Variables {wide} are float64, but JAX computes in float32 unless 64-bit mode is on, silently. "
                 "Enable it before building the model: jax.config.update('jax_enable_x64', True), or build the "
                 "model in float32."
             )
-        self._dtype = self.flat.common_dtype.as_numpy_dtype
+        self._dtype = self.flat.common_dtype
         self._acc_dtype = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
         self._build_functions()
-        self.set_data(x, y, sample_weight)
-        self.reset_counters()
 
     # ------------------------------------------------------------------ data
-    def set_data(self, x: Any, y: Any = None, sample_weight: Any = None) -> None:
-        """Hold a new training set on the device (validated; same shapes reuse the compiled code)."""
-        data = checks.as_tensors((x, y, sample_weight), self.max_data_bytes)
-        self.num_samples = n = checks.check_data(data)
-        data = numpy_data(data)
-        self.facts = eager_facts(self.model, data, self.chunk_size, jnp.asarray)
-        self.rule, why = checks.chunk_rule(self.model, self.facts, data[2])
-        rows = self.chunk_size
-        if n > rows and not self.rule:
-            warnings.warn(
-                f"All {n} samples are evaluated in one piece, not in chunks of chunk_size={rows}: {why}, so chunk "
-                "values do not add up to Keras's loss. Memory is not bounded by chunk_size here.",
-                UserWarning,
-                stacklevel=3,
-            )
-            rows = n
-        self.rule = self.rule or "rows"
+    def _loss_facts(self, data: tuple[Any, Any, Any]) -> checks.LossFacts:
+        return checks.loss_facts_eagerly(self.model, data, self.chunk_size, jnp.asarray)
+
+    def _hold(self, data: tuple[Any, Any, Any], rows: int) -> None:
+        """Hold the training set on the device, in chunks (same shapes reuse the compiled code)."""
         chunks = Chunks(data, rows, self.rule)
         self._numpy_data = data
         to_device = lambda tree: jax.tree_util.tree_map(jnp.asarray, tree)  # noqa: E731
@@ -120,14 +72,13 @@ class JaxObjective(Objective):
         # Read now: during fit the train function has put the state back into the variables.
         self._state = ([v.value for v in self.model.non_trainable_variables],
                        [v.value for v in self.model.metrics_variables])
-        self.forget()
 
     @property
     def data(self) -> tuple[Any, Any, Any]:
         """The training set ``(x, y, sample_weight)`` as NumPy arrays."""
         return self._numpy_data
 
-    # ------------------------------------------------------ the backend's part (core.Objective)
+    # ------------------------------------------------------ the backend's part (base.objective.Objective)
     def _compute_value(self, x: np.ndarray) -> float:
         return float(self._functions["value"](self._vector(x), self._state, self._data))
 
@@ -151,7 +102,7 @@ class JaxObjective(Objective):
         self._functions["hessian"] = wrap(self._fn_hessian)
 
     def _split(self, w: jax.Array) -> list[jax.Array]:
-        return [w[self.flat.slice(i)].reshape(shape).astype(dtype.as_numpy_dtype)
+        return [w[self.flat.slice(i)].reshape(shape).astype(dtype)
                 for i, (shape, dtype) in enumerate(zip(self.flat.shapes, self.flat.dtypes, strict=True))]
 
     def _chunk_loss(self, trainable: list, state: tuple, batch: tuple) -> jax.Array:

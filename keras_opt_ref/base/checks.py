@@ -1,10 +1,10 @@
 """Refuse bad input before any work, with a message that names the problem and the fix.
 
-Every check of the package's inputs lives here (solver options and bounds: ``methods.py``):
-the model (:func:`check_model`, :func:`check_trainable`), the data (:func:`as_tensors`,
-:func:`check_data`, :func:`check_data_bytes`), what a traced evaluation revealed about the loss
+The checks of the model (:func:`check_model`, :func:`check_trainable`), of what evaluating the
+loss once on the data revealed about it
 (:func:`check_loss_facts`, :func:`chunk_rule`, :func:`check_residual_model`) and, during a run,
-whether a value handed to scipy is finite (:func:`non_finite`).
+whether a value handed to scipy is finite (:func:`non_finite`). The data's checks live in
+``base.data``, the solver options' and bounds' in ``train.methods``.
 """
 
 from __future__ import annotations
@@ -16,24 +16,22 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import scipy.sparse
-import tensorflow as tf
 
-from . import _keras
+from . import keras_compat as _keras
+from . import nest
+from .flat import numpy_dtype
 
 __all__ = [
     "LossFacts",
     "NotSquaredErrorError",
-    "as_tensors",
-    "check_data",
-    "check_data_bytes",
     "check_loss_facts",
     "check_model",
     "check_residual_model",
     "check_trainable",
     "chunk_rule",
-    "dense_bytes",
+    "loss_facts_eagerly",
     "non_finite",
+    "record",
     "summary",
 ]
 
@@ -42,6 +40,12 @@ class NotSquaredErrorError(ValueError):
     """The compiled loss cannot be written as a sum of squared residuals."""
 
 _LOW_PRECISION = ("float16", "bfloat16")
+
+
+def numpy_dtype_name(dtype: Any) -> str:
+    """A dtype's name ("float32", "bfloat16"), whatever the framework (NumPy has no bfloat16)."""
+    name = str(getattr(dtype, "name", dtype))
+    return name if name in _LOW_PRECISION else numpy_dtype(dtype).name
 
 
 def check_model(model: Any, *, deterministic: bool = False) -> None:
@@ -103,144 +107,12 @@ def check_trainable(model: Any) -> None:
     low = [
         _keras.variable_name(v)
         for v in model.trainable_variables
-        if tf.as_dtype(v.dtype).name in _LOW_PRECISION
+        if numpy_dtype_name(v.dtype) in _LOW_PRECISION
     ]
     if low:
         raise TypeError(
             f"Trainable variables {low} are float16/bfloat16; use float32 or float64 weights."
         )
-
-
-def check_data(data: tuple[Any, Any, Any]) -> int:
-    """Validate ``(x, y, sample_weight)`` held as tensors; return the number of samples."""
-    parts = (("inputs", data[0]), ("targets", data[1]), ("sample weights", data[2]))
-    leaves = [
-        (what, path, t)
-        for what, part in parts
-        for path, t in _leaves_with_paths(part)
-    ]
-    if not any(what == "inputs" for what, _, _ in leaves):
-        raise ValueError("No input data: fit/objective got x=None. Pass the training inputs.")
-    sizes = {(what, path): int(t.shape[0]) if t.shape.rank else 1 for what, path, t in leaves}
-    n = next(iter(sizes.values()))
-    if len(set(sizes.values())) > 1:
-        detail = ", ".join(f"{w}{p}: {s}" for (w, p), s in sizes.items())
-        raise ValueError(f"Inputs, targets and sample weights disagree on the number of samples ({detail}).")
-    if n == 0:
-        raise ValueError(
-            "The training data is empty (0 samples): pass at least one sample to fit."
-        )
-    for what, path, t in leaves:
-        if t.dtype.is_floating or t.dtype.is_complex:
-            finite = tf.math.is_finite(tf.cast(t, tf.float64) if t.dtype.is_complex else t)
-            bad = int(tf.size(finite)) - int(tf.math.count_nonzero(finite))
-            if bad:
-                raise ValueError(
-                    f"The {what}{path} contain {bad} NaN/Inf value(s): the full-batch loss "
-                    "would be NaN. Clean or impute them before calling fit."
-                )
-    return n
-
-
-def _leaves_with_paths(structure: Any) -> list[tuple[str, tf.Tensor]]:
-    if structure is None:
-        return []
-    out = []
-    for path, leaf in _flatten_with_paths(structure, ""):
-        if leaf is not None:
-            out.append((path, leaf))
-    return out
-
-
-def _flatten_with_paths(structure: Any, prefix: str):
-    if isinstance(structure, dict):
-        for key in sorted(structure):
-            yield from _flatten_with_paths(structure[key], f"{prefix}[{key!r}]")
-    elif isinstance(structure, (list, tuple)):
-        for i, item in enumerate(structure):
-            yield from _flatten_with_paths(item, f"{prefix}[{i}]")
-    else:
-        yield prefix, structure
-
-
-# ------------------------------------------------------------------------ data as tensors
-def as_tensors(data: tuple[Any, Any, Any], max_bytes: int) -> tuple[Any, Any, Any]:
-    """``(x, y, sample_weight)`` with every leaf a dense tensor, within ``max_bytes``.
-
-    Sparse leaves (``tf.SparseTensor``, scipy.sparse) are densified: the model then computes the
-    same values, and the size check below bounds the memory. Ragged tensors are refused (their
-    rows have no exact dense form), as is anything ``tf.convert_to_tensor`` cannot take.
-    """
-    names = ("inputs", "targets", "sample weights")
-    check_data_bytes(sum(dense_bytes(leaf) for part in data for leaf in tf.nest.flatten(part) if leaf is not None),
-                     max_bytes)
-    out = []
-    for what, part in zip(names, data, strict=True):
-        if part is None:
-            out.append(None)
-            continue
-        paths = [path for path, _ in _flatten_with_paths(part, "")]
-        leaves = [_dense(what, path, leaf) for path, leaf in zip(paths, tf.nest.flatten(part), strict=True)]
-        out.append(tf.nest.pack_sequence_as(part, leaves))
-    return tuple(out)
-
-
-def _dense(what: str, path: str, leaf: Any) -> Any:
-    if leaf is None:
-        return None
-    if isinstance(leaf, tf.RaggedTensor):
-        raise ValueError(
-            f"The {what}{path} are a tf.RaggedTensor: rows of different lengths have no exact dense form, so "
-            "the full-batch loss is not defined here. Pad them (x.to_tensor()) and mask the padding "
-            "(keras.layers.Masking, Embedding(mask_zero=True)), then pass the dense tensor."
-        )
-    if isinstance(leaf, tf.SparseTensor):
-        return tf.sparse.to_dense(tf.sparse.reorder(leaf))
-    if scipy.sparse.issparse(leaf):
-        return tf.convert_to_tensor(leaf.toarray())
-    try:
-        return tf.convert_to_tensor(leaf)
-    except (TypeError, ValueError) as exc:
-        raise TypeError(
-            f"The {what}{path} ({type(leaf).__name__}) cannot be converted to a tensor ({summary(exc)}). "
-            "Pass numeric arrays or tensors of one dtype and rectangular shape."
-        ) from None
-
-
-def dense_bytes(leaf: Any) -> int:
-    """Bytes a data leaf takes as a dense tensor (what the objective holds)."""
-    if isinstance(leaf, tf.RaggedTensor):
-        return dense_bytes(leaf.flat_values)
-    if isinstance(leaf, tf.SparseTensor):
-        return int(np.prod(leaf.dense_shape.numpy(), dtype=np.int64)) * leaf.dtype.size
-    if scipy.sparse.issparse(leaf):
-        return int(np.prod(leaf.shape, dtype=np.int64)) * leaf.dtype.itemsize
-    nbytes = getattr(leaf, "nbytes", None)
-    if nbytes is not None:
-        return int(nbytes)
-    if isinstance(leaf, tf.Tensor) and leaf.shape.is_fully_defined():
-        return int(leaf.shape.num_elements()) * max(leaf.dtype.size, 1)
-    return 0
-
-
-def check_data_bytes(nbytes: int, max_bytes: int, *, drained: str = "") -> None:
-    """Refuse a training set larger than ``max_bytes`` as dense tensors (``drained``: how far fit's
-    data source had got, when the limit was passed while draining it)."""
-    if nbytes > max_bytes:
-        what = (f"fit's data source had yielded {_size(nbytes)} {drained}" if drained
-                else f"The training data needs {_size(nbytes)} as dense tensors")
-        raise ValueError(
-            f"{what}, more than max_data_bytes={max_bytes} ({_size(max_bytes)}). Each epoch's data is held in "
-            "memory at once: an endless generator needs steps_per_epoch=... (that many batches form an epoch); "
-            "for a large finite data set, fit on less of it, or raise max_data_bytes if the memory is there."
-        )
-
-
-def _size(nbytes: int) -> str:
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if nbytes >= scale:
-            return f"{nbytes / scale:.3g} {unit}"
-    return f"{nbytes} bytes"
 
 
 # ------------------------------------------------------------- what the traced loss showed
@@ -293,7 +165,7 @@ def chunk_rule(model: Any, facts: LossFacts, sample_weight: Any) -> tuple[str, s
         rule = "rows"
     elif reduction == "sum":
         rule = "sum"
-    elif reduction == "mean_with_sample_weight" and len(tf.nest.flatten(sample_weight)) == 1:
+    elif reduction == "mean_with_sample_weight" and len(nest.flatten(sample_weight)) == 1:
         rule = "sample_weight"
     else:
         return "", f"reduction={reduction!r} with per-output sample weights"
@@ -356,3 +228,48 @@ def summary(exc: BaseException, limit: int = 400) -> str:
             lines.append(line)
     line = " ".join(lines) or name
     return f"{name}: {line if len(line) <= limit else line[: limit - 3] + '...'}"
+
+
+# ------------------------------------------------------------------ the loss, run eagerly once
+def loss_facts_eagerly(model: Any, data: tuple[Any, Any, Any], rows: int, to_backend: Any) -> LossFacts:
+    """Run the model and ``compute_loss`` eagerly on each chunk of ``rows`` (NumPy data, moved with
+    ``to_backend``): surfaces data errors before any compiled work and records what the calls show
+    about the loss. A non-finite loss at the start is refused (on JAX an out-of-range Embedding id
+    gives NaN rather than an error)."""
+    import keras
+
+    facts = LossFacts()
+    n = int(nest.leaves(data)[0].shape[0])
+    for start in range(0, n, rows):
+        x, y, sample_weight = nest.map_data(lambda t, s=start: to_backend(t[s : s + rows]), data)
+        try:
+            y_pred = model(x, training=False)
+            record(facts, model, y, y_pred)
+            loss = model.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=False)
+        except (ValueError, TypeError, IndexError, RuntimeError) as exc:
+            raise ValueError(
+                f"The model cannot evaluate its training data ({summary(exc)}). Check the inputs' "
+                "shapes, dtypes and index ranges (e.g. Embedding ids < input_dim)."
+            ) from exc
+        loss = keras.ops.convert_to_numpy(loss)
+        facts.loss_shape = tuple(int(d) for d in np.shape(loss))
+        check_loss_facts(facts)
+        value = float(loss)
+        if not math.isfinite(value):
+            raise ValueError(
+                f"The loss on samples [{start}, {min(start + rows, n)}) at the starting weights is {value}: the "
+                "optimization cannot start. Check the data (Embedding ids must be < input_dim: out-of-range ids "
+                "read NaN on this backend) and the starting weights."
+            )
+    return facts
+
+
+def record(facts: LossFacts, model: Any, y: Any, y_pred: Any) -> None:
+    """Right after ``y_pred = model(x)`` (eagerly, or inside a trace): what the call showed."""
+    outputs = nest.flatten(y_pred)
+    facts.add_losses = max(facts.add_losses, _keras.add_loss_count(model))
+    facts.masked = facts.masked or any(_keras.output_mask(t) is not None for t in outputs)
+    names = list(getattr(model, "output_names", None) or [])
+    facts.output_names = sorted(y_pred) if isinstance(y_pred, dict) else (
+        names if len(names) == len(outputs) else [str(i) for i in range(len(outputs))])
+    facts.batch_level = _keras.batch_level_losses(model, y, outputs)

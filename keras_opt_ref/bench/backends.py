@@ -2,7 +2,7 @@
 
 Per backend and workload: the floor (one bare compiled value-and-gradient call of that backend on
 the whole data set: ``tf.function`` + XLA, ``jax.jit(jax.value_and_grad)``, torch autograd), the
-reference's loss+grad and HVP through :func:`keras_opt_ref.core.make_objective` (float64 NumPy in
+reference's loss+grad and HVP through :func:`keras_opt_ref.backends.make_objective` (float64 NumPy in
 and out), their ratios, and the wall time of an L-BFGS-B ``fit`` (maxiter 200, compile included)
 with its final loss. Each backend runs in its own process (``KERAS_BACKEND`` is read at import)::
 
@@ -34,7 +34,7 @@ def floor_function(objective: Any) -> Any:
     model, (x, y, sample_weight) = objective.model, objective.data
     backend = keras.backend.backend()
     if backend == "tensorflow":
-        from .bench import floor_function as tf_floor
+        from .measure import floor_function as tf_floor
 
         return tf_floor(objective)
     if backend == "jax":
@@ -76,8 +76,9 @@ def measure(workload_name: str, size: str, rounds: int = 9, repeat: int = 3, max
     """This process's backend on one workload: seconds per call, ratios, L-BFGS-B fit time."""
     import keras
 
-    from . import core, scipy_optimizer
-    from .bench import Stat, cycling_points, round_robin
+    from .. import backends as core
+    from .. import scipy_optimizer
+    from .measure import Stat, cycling_points, round_robin
     from .workloads import make_workload
 
     workload = make_workload(workload_name, size, keras=keras)
