@@ -69,8 +69,6 @@ def _describe(name: str) -> str:
 def pytest_report_header(config):
     if not _is_conformance_run(config):
         return None
-    import tensorflow as tf
-
     keras = _keras_module()
     name = implementation_name(config)
     try:
@@ -81,8 +79,15 @@ def pytest_report_header(config):
     backend = keras.backend.backend() if hasattr(keras.backend, "backend") else "tensorflow"
     return (
         f"keras-opt conformance: implementation {impl}; {keras.__name__} {keras.__version__} on the {backend} "
-        f"backend; tensorflow {tf.__version__}; check timeout {f'{timeout:g} s' if timeout else 'off'}"
+        f"backend; tensorflow {_version_of('tensorflow')}; check timeout {f'{timeout:g} s' if timeout else 'off'}"
     )
+
+
+def _version_of(distribution: str) -> str:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
 
 
 def _is_conformance_run(config) -> bool:

@@ -7,25 +7,32 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import importlib.util  # noqa: E402
+
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-import tensorflow as tf  # noqa: E402
 
 from keras_opt_ref.base import keras_compat as _keras  # noqa: E402
+from keras_opt_ref.base import nest  # noqa: E402
 
 KERAS = _keras.default_keras()
 
-# tests/test_distributed.py runs tf.distribute strategies on two logical CPU devices, which must be
-# configured before TensorFlow initializes its devices; one device stays the default placement.
-try:
-    tf.config.set_logical_device_configuration(
-        tf.config.list_physical_devices("CPU")[0], [tf.config.LogicalDeviceConfiguration()] * 2)
-except RuntimeError:  # devices already initialized (e.g. by a plugin): the distributed tests skip
-    pass
+# TensorFlow only where it is installed: the JAX and torch tests run without it (pip install ".[jax,test]").
+tf = None
+if importlib.util.find_spec("tensorflow") is not None and KERAS.backend.backend() == "tensorflow":
+    import tensorflow as tf
+
+    # tests/test_distributed.py runs tf.distribute strategies on two logical CPU devices, which must be
+    # configured before TensorFlow initializes its devices; one device stays the default placement.
+    try:
+        tf.config.set_logical_device_configuration(
+            tf.config.list_physical_devices("CPU")[0], [tf.config.LogicalDeviceConfiguration()] * 2)
+    except RuntimeError:  # devices already initialized (e.g. by a plugin): the distributed tests skip
+        pass
 
 
 def pytest_report_header(config):
-    return f"keras flavour: {KERAS.__name__} {KERAS.__version__}; tensorflow {tf.__version__}"
+    return f"keras flavour: {KERAS.__name__} {KERAS.__version__}; tensorflow {tf.__version__ if tf else 'not used'}"
 
 
 def pytest_terminal_summary(terminalreporter):
@@ -75,7 +82,7 @@ def float64():
 
 def full_batch_loss(model, x, y=None, sample_weight=None) -> float:
     """Keras's own loss over the whole data set in one batch: the ground truth."""
-    n = len(tf.nest.flatten(x)[0])
+    n = len(nest.leaves(x)[0])
     out = model.evaluate(x, y, sample_weight=sample_weight, batch_size=n, verbose=0)
     return float(out[0] if isinstance(out, (list, tuple)) else out)
 

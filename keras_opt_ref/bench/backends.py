@@ -6,8 +6,8 @@ reference's loss+grad and HVP through :func:`keras_opt_ref.backends.make_objecti
 and out), their ratios, and the wall time of an L-BFGS-B ``fit`` (maxiter 200, compile included)
 with its final loss. Each backend runs in its own process (``KERAS_BACKEND`` is read at import)::
 
-    python -m keras_opt_ref.backend_bench                    # all installed backends, mlp + factorization
-    python -m keras_opt_ref.backend_bench --size small --rounds 5
+    python -m keras_opt_ref.bench.backends                    # all installed backends, mlp + factorization
+    python -m keras_opt_ref.bench.backends --size small --rounds 5
 """
 
 from __future__ import annotations
@@ -122,7 +122,7 @@ def compare(size: str = "medium", rounds: int = 9, backends: tuple[str, ...] = B
             continue
         env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="2")
         for name in workloads:
-            cmd = [sys.executable, "-m", "keras_opt_ref.backend_bench", "--one", name, "--size", size,
+            cmd = [sys.executable, "-m", "keras_opt_ref.bench.backends", "--one", name, "--size", size,
                    "--rounds", str(rounds), "--maxiter", str(maxiter)]
             done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
             if done.returncode:

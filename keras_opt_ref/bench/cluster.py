@@ -1,6 +1,6 @@
 """Multi-worker full-batch runs on localhost: N worker processes under ``MultiWorkerMirroredStrategy``.
 
-Each worker is ``python -m keras_opt_ref.cluster --job JOB --out FILE`` with its own ``TF_CONFIG``
+Each worker is ``python -m keras_opt_ref.bench.cluster --job JOB --out FILE`` with its own ``TF_CONFIG``
 (the cluster's ``localhost:port`` list and its index), as on real machines::
 
     TF_CONFIG='{"cluster": {"worker": ["host0:12345", "host1:12345"]}, "task": {"type": "worker", "index": 0}}'
@@ -46,7 +46,7 @@ def launch(job: str, workers: int, *, timeout: float = 600.0, allow_failures: bo
                 cluster = {"worker": [f"localhost:{p}" for p in ports]}
                 env["TF_CONFIG"] = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
             out, log = Path(tmp) / f"worker{index}.json", Path(tmp) / f"worker{index}.log"
-            cmd = [sys.executable, "-m", "keras_opt_ref.cluster", "--job", job, "--out", str(out),
+            cmd = [sys.executable, "-m", "keras_opt_ref.bench.cluster", "--job", job, "--out", str(out),
                    "--params", json.dumps(params)]
             procs.append((subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT), out, log))
         deadline = time.monotonic() + timeout

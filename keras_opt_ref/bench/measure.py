@@ -550,8 +550,8 @@ def summary(*, quick: bool = False, out: str = "reports", adam_seconds: float | 
 
     report["same_math"] = same = {}
     missing = {b: reason for b in same_math.BACKENDS if (reason := same_math.backend_skip_reason(b))}
-    say("\n## Against the same math hand-written on a flat vector (keras_opt_ref.same_math: one jitted function of "
-        "one vector, float64 NumPy in and out; 'best': per round the faster of "
+    say("\n## Against the same math hand-written on a flat vector (keras_opt_ref.bench.same_math: one jitted "
+        "function of one vector, float64 NumPy in and out; 'best': per round the faster of "
         f"{', '.join(b for b in same_math.BACKENDS if b not in missing)})")
     for b, reason in missing.items():
         say(f"{b}: left out, {reason}")
@@ -618,9 +618,9 @@ def summary(*, quick: bool = False, out: str = "reports", adam_seconds: float | 
     report["time_to_target"] = {"target": target, "adam_seconds": adam_time, "adam_config": list(config),
                                 "methods": to_target, "best_over_adam": best / adam_time}
 
-    say("\n## Time to target against other libraries' L-BFGS (keras_opt_ref.alternatives), maxiter 200, same start; "
-        "target: the worst final loss below a tenth of the start (nan: never reached); warm runs (first run: tracing "
-        "and compilation included); ratios round by round")
+    say("\n## Time to target against other libraries' L-BFGS (keras_opt_ref.bench.alternatives), maxiter 200, "
+        "same start; target: the worst final loss below a tenth of the start (nan: never reached); warm runs "
+        "(first run: tracing and compilation included); ratios round by round")
     report["alternatives"] = {}
     for name in ("mlp", "factorization"):
         comparison = alternatives_time_to_target(name, "medium", maxiter=200, rounds=3 if quick else 7)

@@ -17,7 +17,7 @@ one flat vector, with no model, no variables and no Keras in the loop:
 - ``"jax"`` (optional, ``pip install keras-opt-ref[jax]``): ``jax.jit(jax.value_and_grad(loss))``,
   the HVP as ``jax.jvp`` of ``jax.grad`` (forward-over-reverse, JAX's recommended form).
 
-Both take and return float64 NumPy, as :class:`~keras_opt_ref.objective.TensorFlowObjective`
+Both take and return float64 NumPy, as :class:`~keras_opt_ref.backends.tensorflow.objective.TensorFlowObjective`
 does: ``x`` is rounded to the compute dtype on the host, and the loss and gradient come back
 as one float64 vector. The math itself is written once, against a few array operations
 (:class:`Ops`) that each backend supplies.

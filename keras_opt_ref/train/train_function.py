@@ -243,7 +243,7 @@ def make_train_function(
         default picks it when the dense Jacobian would pass ``max_jacobian_bytes``). Options
         the method does not use are dropped with a warning. ``subproblem="in-graph"`` (trust-ncg
         only): scipy's CG-Steihaug subproblem solved inside one compiled call per outer
-        iteration, with the same steps and counts (``keras_opt_ref.trust_ncg``); the default
+        iteration, with the same steps and counts (``keras_opt_ref.train.trust_ncg``); the default
         ``"scipy"`` leaves every product to scipy.
 
     Returns

@@ -4,9 +4,9 @@ scipy's trust-ncg asks for one Hessian-vector product per CG step, each a round 
 Python to TensorFlow and a fresh forward and backward pass: on the medium MLP about 39 per
 outer iteration. Here scipy keeps its trust-region loop (``_minimize_trust_region``: steps
 accepted or rejected, radius updates, stopping rules, messages) and only the subproblem is
-swapped: :meth:`FullBatchObjective.steihaug` runs scipy's CG-Steihaug steps, with the same
-rules, in one graph over one linearization of the gradient. The iterates are scipy's own up to
-float64 summation order (``tests/test_trust_ncg.py`` compares them).
+swapped: the objective's ``steihaug`` (TensorFlow: ``backends.tensorflow.steihaug``) runs scipy's
+CG-Steihaug steps, with the same rules, in one graph over one linearization of the gradient. The
+iterates are scipy's own up to float64 summation order (``tests/test_trust_ncg.py`` compares them).
 
 ``_minimize_trust_region`` and ``BaseQuadraticSubproblem`` are scipy's internals (stable since
 scipy 0.17); a change there fails that test.
