@@ -17,9 +17,9 @@ import tensorflow as tf
 from conftest import ScipySpy, assert_recovered, faulty_model, regression
 
 from keras_opt_ref import TensorFlowObjective, scipy_optimizer
-from keras_opt_ref.train.methods import LEAST_SQUARES_METHODS, METHODS
+from keras_opt_ref.train.methods import LEAST_SQUARES_TABLE, MINIMIZE_TABLE
 
-ALL_METHODS = [m.name for m in METHODS] + [m.name for m in LEAST_SQUARES_METHODS]
+ALL_METHODS = [m.name for m in MINIMIZE_TABLE] + [m.name for m in LEAST_SQUARES_TABLE]
 
 
 @pytest.mark.parametrize("method", ALL_METHODS)

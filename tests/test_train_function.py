@@ -11,7 +11,7 @@ from conftest import full_batch_loss, regression, small_mlp
 
 from keras_opt_ref import METHODS, scipy_optimizer
 from keras_opt_ref.bench import workloads
-from keras_opt_ref.train.methods import METHODS as METHOD_TABLE
+from keras_opt_ref.train.methods import MINIMIZE_TABLE as METHOD_TABLE
 from keras_opt_ref.train.methods import resolve_method
 
 GRADIENT_METHODS = [m.name for m in METHOD_TABLE if m.jac]

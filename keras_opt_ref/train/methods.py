@@ -23,7 +23,9 @@ from ..base.settings import check_whole
 __all__ = [
     "ALL_METHOD_NAMES",
     "LEAST_SQUARES_METHODS",
+    "LEAST_SQUARES_TABLE",
     "METHODS",
+    "MINIMIZE_TABLE",
     "Method",
     "check_option",
     "resolve_method",
@@ -53,7 +55,7 @@ def _m(name: str, jac: bool, hess: str | None, bounds: bool, options: str | froz
     return Method(name, jac, hess, bounds, opts)
 
 
-METHODS: tuple[Method, ...] = (
+MINIMIZE_TABLE: tuple[Method, ...] = (
     _m("Nelder-Mead", False, None, True, "maxiter maxfev disp return_all initial_simplex xatol fatol adaptive"),
     _m("Powell", False, None, True, "xtol ftol maxiter maxfev disp direc return_all"),
     _m("CG", True, None, False, "gtol norm eps maxiter disp return_all finite_diff_rel_step c1 c2 workers"),
@@ -78,18 +80,19 @@ METHODS: tuple[Method, ...] = (
     _m("trust-exact", True, "hess", False, _TRUST | {"subproblem_maxiter"}),
     _m("trust-krylov", True, "hessp", False, _TRUST | {"inexact"}),
 )
-METHOD_NAMES: tuple[str, ...] = tuple(m.name for m in METHODS)
+METHODS: tuple[str, ...] = tuple(m.name for m in MINIMIZE_TABLE)  # names, as scipy spells them
 
 _LSQ = "ftol xtol gtol x_scale max_nfev"
-LEAST_SQUARES_METHODS: tuple[Method, ...] = (
+LEAST_SQUARES_TABLE: tuple[Method, ...] = (
     Method("lm", True, None, False, frozenset(_LSQ.split()), least_squares=True),
     Method("trf", True, None, True, frozenset(f"{_LSQ} loss f_scale tr_solver tr_options".split()), True),
     Method("dogbox", True, None, True, frozenset(f"{_LSQ} loss f_scale tr_solver tr_options".split()), True),
 )
 # Options of least_squares that only serve finite differences: refused, the Jacobian is exact.
 FINITE_DIFFERENCE_OPTIONS = frozenset({"diff_step", "jac_sparsity"})
-ALL_METHOD_NAMES: tuple[str, ...] = METHOD_NAMES + tuple(m.name for m in LEAST_SQUARES_METHODS)
-_BY_KEY = {m.name.lower(): m for m in METHODS + LEAST_SQUARES_METHODS}
+LEAST_SQUARES_METHODS: tuple[str, ...] = tuple(m.name for m in LEAST_SQUARES_TABLE)
+ALL_METHOD_NAMES: tuple[str, ...] = METHODS + LEAST_SQUARES_METHODS
+_BY_KEY = {m.name.lower(): m for m in MINIMIZE_TABLE + LEAST_SQUARES_TABLE}
 
 # keras-opt spelled the iteration limit `maxiter` for every method; TNC calls it `maxfun`.
 _MAXITER_ALIAS = {"TNC": "maxfun", "lm": "max_nfev", "trf": "max_nfev", "dogbox": "max_nfev"}

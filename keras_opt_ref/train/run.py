@@ -26,8 +26,8 @@ from .trust_ncg import SUBPROBLEMS, in_graph_trust_ncg
 
 __all__ = ["HESSIANS", "LEAST_SQUARES_METHODS", "METHODS", "NonFinite", "ScipyRun", "check_choices"]
 
-METHODS = methods.METHOD_NAMES  # scipy.optimize.minimize
-LEAST_SQUARES_METHODS = tuple(m.name for m in methods.LEAST_SQUARES_METHODS)  # scipy.optimize.least_squares
+METHODS = methods.METHODS  # scipy.optimize.minimize
+LEAST_SQUARES_METHODS = methods.LEAST_SQUARES_METHODS  # scipy.optimize.least_squares
 HESSIANS = ("exact", "gauss-newton")  # what hess/hessp compute for the minimize methods
 
 
@@ -223,7 +223,7 @@ class ScipyRun:
             warnings.warn(
                 f"Keras constraints {unenforced} are not enforced by method {self.method.name!r}. "
                 "NonNeg becomes a lower bound of 0 with a bounded method "
-                f"({[m.name for m in methods.METHODS if m.bounds]}); others are not applied.",
+                f"({[m.name for m in methods.MINIMIZE_TABLE if m.bounds]}); others are not applied.",
                 UserWarning,
                 stacklevel=3,
             )
@@ -242,7 +242,7 @@ def _check_hessian_choice(method: methods.Method, hessian: str) -> str:
     if hessian not in HESSIANS:
         raise ValueError(f"Unknown hessian {hessian!r}; choose one of {HESSIANS}")
     if hessian == "gauss-newton" and method.hess is None:
-        users = [m.name for m in methods.METHODS if m.hess]
+        users = [m.name for m in methods.MINIMIZE_TABLE if m.hess]
         raise ValueError(
             f"hessian='gauss-newton' changes the Hessian a method is handed, and {method.name!r} takes none; "
             f"use one of {users}, or method='lm'/'trf'/'dogbox' (least squares)."

@@ -123,7 +123,7 @@ class ScipyTrainFunction(ScipyRun):
         if bounds is not None and not self.method.bounds:
             raise ValueError(
                 f"Method {self.method.name!r} ignores bounds; use one that honours them: "
-                f"{[m.name for m in methods.METHODS + methods.LEAST_SQUARES_METHODS if m.bounds]}"
+                f"{[m.name for m in methods.MINIMIZE_TABLE + methods.LEAST_SQUARES_TABLE if m.bounds]}"
             )
         self.bounds = bounds
         self.max_data_bytes = max_data_bytes
