@@ -10,8 +10,8 @@ class PerBatchMeans(TensorFlowObjective):
         kwargs["chunk_size"] = 16  # a typical fit batch size
         super().__init__(*args, **kwargs)
 
-    def set_data(self, x, y=None, sample_weight=None):
-        super().set_data(x, y, sample_weight)
+    def _hold(self, data, rows):
+        super()._hold(data, rows)
         full, rest = divmod(self.num_samples, self.chunk_size)
         batches = full + (1 if rest else 0)
         self._weights = (1 / batches, 1 / batches if rest else 0.0)

@@ -128,7 +128,7 @@ class Objective:
                 f"All {n} samples are evaluated in one piece, not in chunks of chunk_size={rows}: {self.why}, so "
                 "chunk values do not add up to Keras's loss. Memory is not bounded by chunk_size here.",
                 UserWarning,
-                stacklevel=5,
+                stacklevel=4,
             )
         return n
 
