@@ -102,8 +102,6 @@ def _worker(job: str, params: dict[str, Any]) -> dict[str, Any]:
         tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * replicas)
         strategy = tf.distribute.MirroredStrategy([d.name for d in tf.config.list_logical_devices("CPU")])
     scope = strategy.scope() if strategy is not None else contextlib.nullcontext()
-    if params.get("fail_after") is not None and strategy is not None and strategy.cluster_resolver.task_id == 1:
-        _die_after(params["fail_after"])  # a worker that fails mid-run (tests)
     dtype = params.get("dtype", "float64")
     keras.backend.set_floatx(dtype)  # the loss computes in floatx: float64 end to end
     if job == "regression":  # the README example
@@ -114,6 +112,7 @@ def _worker(job: str, params: dict[str, Any]) -> dict[str, Any]:
         method = params.get("method", "trust-ncg")
         model.train_function = scipy_optimizer.make_train_function(model, method=method, maxiter=params.get("maxiter"),
                                                                    verbose=params.get("verbose", 0))
+        _maybe_fail(model, strategy, params)
         return _train(model, X, y, strategy, params) or _summary(model, strategy)
     data = workloads.factorization_data(*params.get("shape", (200, 100, 4000)), seed=params.get("seed", 0))
     with scope:
@@ -123,6 +122,7 @@ def _worker(job: str, params: dict[str, Any]) -> dict[str, Any]:
     if job == "factorization":
         model.train_function = scipy_optimizer.make_train_function(model, method="L-BFGS-B",
                                                                    maxiter=params.get("maxiter", 50))
+        _maybe_fail(model, strategy, params)
         return _train(model, data.x, data.ratings, strategy, params) or _summary(model, strategy)
     # "evaluations": the cost of one value-and-gradient on this worker's shard, and of the all-reduce alone
     resolver = strategy.cluster_resolver if strategy is not None else None
@@ -187,18 +187,24 @@ def _fit_or_run(model: Any, x: Any, y: Any, strategy: Any, params: dict[str, Any
     model.train_function.run([shard(t) for t in x] if isinstance(x, list) else shard(x), shard(y))
 
 
-def _die_after(evaluations: int) -> None:
-    from ..backends.tensorflow.objective import TensorFlowObjective
+def _maybe_fail(model: Any, strategy: Any, params: dict[str, Any]) -> None:
+    """With ``fail_after=N`` (tests), worker 1 exits after N evaluations of value and gradient: its train
+    function builds a subclass of the model's objective that does."""
+    evaluations = params.get("fail_after")
+    if evaluations is None or strategy is None or strategy.cluster_resolver.task_id != 1:
+        return
+    from .. import backends
 
-    compute, calls = TensorFlowObjective._compute_value_and_grad, [0]
+    class Dying(backends.objective_class(model)):
+        calls = 0
 
-    def dying(self: Any, x: Any) -> Any:
-        calls[0] += 1
-        if calls[0] > evaluations:
-            os._exit(3)
-        return compute(self, x)
+        def _compute_value_and_grad(self, x: Any) -> Any:
+            Dying.calls += 1
+            if Dying.calls > evaluations:
+                os._exit(3)
+            return super()._compute_value_and_grad(x)
 
-    TensorFlowObjective._compute_value_and_grad = dying
+    model.train_function.objective_class = Dying
 
 
 def _summary(model: Any, strategy: Any) -> dict[str, Any]:
