@@ -10,6 +10,8 @@ JAX and torch demotes float64 to float32 in tanh and means). tox runs this file 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -20,8 +22,7 @@ if os.environ.get("TF_USE_LEGACY_KERAS", "").lower() in ("1", "true", "yes"):
 import keras  # noqa: E402
 from keras_opt_ref_conformance.truth import Steps, central_gradient, working_precision  # noqa: E402
 
-from keras_opt_ref import backends as core
-from keras_opt_ref import scipy_optimizer  # noqa: E402
+from keras_opt_ref import backends, scipy_optimizer  # noqa: E402
 from keras_opt_ref.bench.workloads import make_workload  # noqa: E402
 
 BACKEND = keras.backend.backend()
@@ -49,15 +50,39 @@ def mlp(l2=0.01, loss="mse", dtype=None):
     return model
 
 
+def _modules_loaded_by(code: str) -> list[str]:
+    """The frameworks a fresh interpreter has loaded after running ``code``."""
+    probe = f"{code}\nimport sys; print(sorted(m for m in ('keras', 'tensorflow', 'jax', 'torch') if m in sys.modules))"
+    return eval(subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout)
+
+
+def test_importing_the_package_loads_no_framework():
+    assert _modules_loaded_by("import keras_opt_ref") == []
+
+
+@pytest.mark.skipif(BACKEND == "tensorflow", reason="on TensorFlow, TensorFlow is the framework in use")
+def test_fitting_on_this_backend_loads_no_tensorflow():
+    code = (
+        "import numpy as np, keras\n"
+        "from keras_opt_ref import scipy_optimizer\n"
+        "model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])\n"
+        "model.compile(loss='mse')\n"
+        "model.train_function = scipy_optimizer.make_train_function(model, method='L-BFGS-B', maxiter=5)\n"
+        "model.fit(np.ones((8, 2)), np.ones((8, 1)), verbose=0)"
+    )
+    assert "tensorflow" not in _modules_loaded_by(code)
+    assert BACKEND in _modules_loaded_by(code)
+
+
 def test_the_backend_objective_is_chosen():
-    assert core.objective_class(mlp()).backend == BACKEND
+    assert backends.objective_class(mlp()).backend == BACKEND
 
 
 @pytest.mark.parametrize("reduction", ["sum_over_batch_size", "sum", "mean_with_sample_weight"])
 @pytest.mark.parametrize("chunk_size", [10, 1000])
 def test_value_equals_evaluate(reduction, chunk_size):
     model = mlp(loss=keras.losses.MeanSquaredError(reduction=reduction))
-    objective = core.make_objective(model, X, Y, SW, chunk_size=chunk_size)
+    objective = backends.make_objective(model, X, Y, SW, chunk_size=chunk_size)
     x0 = objective.flat.read()
     expected = model.evaluate(X, Y, sample_weight=SW, batch_size=len(X), verbose=0)
     assert objective.value(x0) == pytest.approx(expected, rel=2e-6)
@@ -84,7 +109,7 @@ def float64():
 def test_derivatives_against_finite_differences(float64, chunk_size):
     steps = float64
     model = mlp(l2=0.02)
-    objective = core.make_objective(model, X.astype("float64"), Y.astype("float64"), chunk_size=chunk_size)
+    objective = backends.make_objective(model, X.astype("float64"), Y.astype("float64"), chunk_size=chunk_size)
     x = objective.flat.read() + 0.1 * np.random.default_rng(0).normal(size=objective.size)
     g = objective.gradient(x)
     np.testing.assert_allclose(g, central_gradient(objective.value, x, steps.h), rtol=steps.rtol, atol=steps.atol)
@@ -102,7 +127,7 @@ def test_embedding_gradient_and_hvp(float64):
     workload = make_workload("factorization", "small", keras=keras)
     x_in = [np.asarray(t)[:200] for t in workload.x]
     y = np.asarray(workload.y)[:200]
-    objective = core.make_objective(workload.model, x_in, y, chunk_size=64)
+    objective = backends.make_objective(workload.model, x_in, y, chunk_size=64)
     x = objective.flat.read()
     hits = np.flatnonzero(objective.gradient(x))  # only rows the 200 ratings touch move the loss
     assert 0 < hits.size < objective.size
@@ -176,6 +201,6 @@ def test_jax_float64_without_x64_is_refused():
     jax.config.update("jax_enable_x64", False)
     try:
         with pytest.raises(TypeError, match="jax_enable_x64"):
-            core.make_objective(mlp(dtype="float64"), X, Y)
+            backends.make_objective(mlp(dtype="float64"), X, Y)
     finally:
         jax.config.update("jax_enable_x64", before)

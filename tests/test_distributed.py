@@ -14,8 +14,7 @@ import pytest
 import tensorflow as tf
 from conftest import KERAS, full_batch_loss
 
-from keras_opt_ref import backends as core
-from keras_opt_ref import scipy_optimizer
+from keras_opt_ref import backends, scipy_optimizer
 from keras_opt_ref.backends.tensorflow.distributed import DistributedObjective
 from keras_opt_ref.bench.workloads import factorization_data, factorization_model
 
@@ -76,8 +75,8 @@ def test_value_gradient_hvp_and_hessian_equal_one_device(keras, strategy, float6
     if reduction == "mean_with_sample_weight" and not hasattr(keras, "ops"):
         pytest.skip("tf-keras has no mean_with_sample_weight reduction")
     distributed, single = twins(lambda: mlp(keras, loss=keras.losses.MeanSquaredError(reduction=reduction)), strategy)
-    d = core.make_objective(distributed, X, Y, SW, chunk_size=chunk_size)
-    s = core.make_objective(single, X, Y, SW, chunk_size=chunk_size)
+    d = backends.make_objective(distributed, X, Y, SW, chunk_size=chunk_size)
+    s = backends.make_objective(single, X, Y, SW, chunk_size=chunk_size)
     x = d.flat.read() + 0.1 * RNG.normal(size=d.size)
     assert_same_objective(d, s, x, RNG.normal(size=d.size))
     np.testing.assert_allclose(d.hessian(x), s.hessian(x), rtol=1e-10, atol=1e-13)
@@ -95,7 +94,7 @@ def test_embeddings_factorization_reaches_the_one_device_loss(keras, strategy, f
     distributed, single = twins(build, strategy)
     objectives, starts = [], []
     for model in (distributed, single):
-        objectives.append(core.make_objective(model, data.x, data.ratings, chunk_size=50))
+        objectives.append(backends.make_objective(model, data.x, data.ratings, chunk_size=50))
         starts.append(full_batch_loss(model, data.x, data.ratings) if model is single else None)
     x = objectives[0].flat.read()
     assert_same_objective(*objectives, x, RNG.normal(size=x.size))  # embedding gradients included
@@ -137,14 +136,14 @@ def test_a_loss_that_cannot_be_split_is_refused(keras, strategy):
         model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1), Penalty()])
         model.compile(loss="mse")
     with pytest.raises(ValueError, match="cannot be split across the 2 replicas"):
-        core.make_objective(model, X, Y)
+        backends.make_objective(model, X, Y)
 
 
 def test_fewer_rows_than_replicas_is_refused(keras, strategy):
     with strategy.scope():
         model = mlp(keras)
     with pytest.raises(ValueError, match="at least one row"):
-        core.make_objective(model, X[:1], Y[:1])
+        backends.make_objective(model, X[:1], Y[:1])
 
 
 # ------------------------------------------------------------------ two localhost workers

@@ -25,6 +25,7 @@ __all__ = [
     "default_keras",
     "fit_steps_per_epoch",
     "flavour",
+    "has_compiled_metrics",
     "is_builtin_loss",
     "is_compiled",
     "is_mean_squared_error",
@@ -239,6 +240,16 @@ def batch_level_losses(model: Any, y: Any, outputs: list[Any]) -> list[str]:
         except Exception:  # noqa: BLE001 -- any failure means: not known to be per sample
             pass
     return [getattr(loss, "name", None) or getattr(loss, "__name__", None) or type(loss).__name__ for loss in customs]
+
+
+def has_compiled_metrics(model: Any) -> bool:
+    """Whether ``compile`` was given ``metrics`` or ``weighted_metrics``. Keras 3 keeps the arguments
+    in ``_compile_config`` (its public ``get_compile_config`` serializes them, which loads TensorFlow
+    where it is installed, whatever the backend); tf-keras's ``get_compile_config`` is cheap."""
+    config = getattr(getattr(model, "_compile_config", None), "config", None)
+    if not isinstance(config, Mapping):
+        config = model.get_compile_config() or {}
+    return bool(config.get("metrics") or config.get("weighted_metrics"))
 
 
 def overrides_compute_loss(model: Any) -> bool:

@@ -18,7 +18,7 @@ import scipy.optimize
 import scipy.sparse.linalg
 
 from .. import backends
-from ..base import checks
+from ..base import checks, keras_compat
 from ..base.objective import Objective
 from . import methods
 from .progress import Progress
@@ -198,8 +198,7 @@ class ScipyRun:
         return logs
 
     def _metrics(self, objective: Objective) -> dict[str, float]:
-        config = self.model.get_compile_config() or {}
-        if not (config.get("metrics") or config.get("weighted_metrics")):
+        if not keras_compat.has_compiled_metrics(self.model):
             return {}
         x, y, sample_weight = objective.data
         history = getattr(self.model, "history", None)
