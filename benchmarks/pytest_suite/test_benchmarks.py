@@ -160,7 +160,7 @@ def test_time_to_target(benchmark):
     benchmark.group = "time to target factorization-medium"
     out = {}
 
-    def measure():
+    def time_to_target():
         configs = ((256, 1e-2),) if benchmark.disabled else ((64, 1e-2), (256, 1e-2), (1024, 1e-2))
         adam, config, _ = measure.adam_reference("medium", seconds=ADAM_SECONDS, configs=configs)
         target = float(np.nanmin(adam[:, 1]))
@@ -169,7 +169,7 @@ def test_time_to_target(benchmark):
             run = measure.run_method(workloads.make_workload("factorization", "medium"), method, maxiter=RUN_MAXITER)
             out[method] = measure.time_to_target(run.trace, target)
 
-    benchmark.pedantic(measure, rounds=1, iterations=1)
+    benchmark.pedantic(time_to_target, rounds=1, iterations=1)
     best = min((v for k, v in out.items() if k in measure.RUN_METHODS and math.isfinite(v)), default=math.nan)
     out["best_over_adam"] = best / out["adam_seconds"]
     benchmark.extra_info.update(out)
@@ -226,7 +226,7 @@ def test_least_squares_comparison(benchmark):
     benchmark.group = "least squares mlp-medium"
     out = {}
 
-    def measure():
+    def least_squares():
         # lm's MINPACK QR of the 5000 x 2689 Jacobian takes ~17 s per evaluation here: CI runs one.
         maxiter = 1 if benchmark.disabled else 10
         target, rows = measure.least_squares_comparison("medium", maxiter=maxiter)
@@ -235,7 +235,7 @@ def test_least_squares_comparison(benchmark):
             out[label] = {"seconds": r.seconds, "nit": r.nit, "nfev": r.nfev, "njev": r.njev, "nhev": r.nhev,
                           "final_loss": r.loss, "seconds_to_target": t}
 
-    benchmark.pedantic(measure, rounds=1, iterations=1)
+    benchmark.pedantic(least_squares, rounds=1, iterations=1)
     benchmark.extra_info.update(out)
     assert all(math.isfinite(row["final_loss"]) for k, row in out.items() if k != "target")
 

@@ -508,8 +508,8 @@ def scaling(factors: Sequence[int] = (1, 4, 16), **kwargs: Any) -> list[dict[str
     for factor in factors:
         args = json.dumps({"factor": factor, **kwargs})
         code = (
-            "import json; from keras_opt_ref import bench; "
-            f"print(json.dumps(bench.scaling_probe(**json.loads({args!r}))))"
+            "import json; from keras_opt_ref.bench import measure; "
+            f"print(json.dumps(measure.scaling_probe(**json.loads({args!r}))))"
         )
         out = subprocess.run(
             [sys.executable, "-c", code], capture_output=True, text=True, check=True, env={**os.environ}
