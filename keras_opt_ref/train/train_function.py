@@ -126,7 +126,7 @@ class ScipyTrainFunction(ScipyRun):
                 f"{[m.name for m in methods.MINIMIZE_TABLE + methods.LEAST_SQUARES_TABLE if m.bounds]}"
             )
         self.bounds = bounds
-        self.max_data_bytes = max_data_bytes
+        self.max_data_bytes = self.settings.max_data_bytes
         # What asks for residuals (least squares, or the Gauss-Newton matrix), named in refusals.
         self._least_squares = (f"method={self.method.name!r}" if self.method.least_squares
                                else "hessian='gauss-newton'" if self.hessian == "gauss-newton" else "")
@@ -144,10 +144,8 @@ class ScipyTrainFunction(ScipyRun):
             if self.method.bounds:
                 methods.scipy_bounds(bounds, flat)
             if self.method.uses_dense_hessian:
-                check_hessian_size(flat.size, max_hessian_params)
+                check_hessian_size(flat.size, self.settings.max_hessian_params)
         keras_compat.on_compile(model, _warn_if_reset)
-
-    # ------------------------------------------------------------- Keras side
 
     # ------------------------------------------------------------- Keras side
     def __call__(self, *args: Any) -> Any:
