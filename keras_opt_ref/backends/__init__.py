@@ -52,7 +52,8 @@ def backend(name: str) -> ModuleType:
 def providing(capability: str) -> list[str]:
     """The titles of the backends that compute ``capability`` (imports each backend package, not its
     framework: a package's ``__init__`` names its capabilities before it imports anything heavy)."""
-    return [backend(name).TITLE for name in BACKENDS if capability in backend(name).CAPABILITIES]
+    packages = [backend(name) for name in BACKENDS]
+    return [package.TITLE for package in packages if capability in package.CAPABILITIES]
 
 
 def fit_protocol(name: str) -> Any:

@@ -36,13 +36,11 @@ def as_dense(data: tuple[Any, Any, Any], max_bytes: int, convert: Callable[[str,
     convert = convert or to_numpy
 
     def part(what: str, structure: Any) -> Any:
-        if structure is None:
-            return None
-        converted = iter([None if leaf is None else convert(f"{what}{path}", leaf)
-                          for path, leaf in nest.paths(structure)])
-        return nest.map_structure(lambda _: next(converted), structure)
+        return nest.map_with_paths(lambda path, leaf: None if leaf is None else convert(f"{what}{path}", leaf),
+                                   structure)
 
-    return tuple(part(what, structure) for what, structure in zip(_PARTS, data, strict=True))
+    return tuple(None if structure is None else part(what, structure)
+                 for what, structure in zip(_PARTS, data, strict=True))
 
 
 def to_numpy(where: str, leaf: Any) -> np.ndarray:
@@ -55,14 +53,15 @@ def to_numpy(where: str, leaf: Any) -> np.ndarray:
     try:
         array = np.asarray(leaf)
     except (TypeError, ValueError) as exc:
-        array, error = None, exc
-    if array is None or array.dtype == object:
-        reason = summary(error) if array is None else "rows of different lengths or mixed types"
-        raise TypeError(
-            f"The {where} ({type(leaf).__name__}) cannot be converted to an array ({reason}). "
-            "Pass numeric arrays of one dtype and rectangular shape."
-        )
-    return array
+        reason = summary(exc)
+    else:
+        if array.dtype != object:
+            return array
+        reason = "rows of different lengths or mixed types"
+    raise TypeError(
+        f"The {where} ({type(leaf).__name__}) cannot be converted to an array ({reason}). "
+        "Pass numeric arrays of one dtype and rectangular shape."
+    )
 
 
 def check_data(data: tuple[Any, Any, Any]) -> int:

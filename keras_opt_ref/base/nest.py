@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-__all__ = ["flatten", "leaves", "map_structure", "paths"]
+__all__ = ["flatten", "leaves", "map_data", "map_structure", "map_with_paths", "paths"]
 
 
 def paths(structure: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
@@ -51,3 +51,15 @@ def map_structure(fn: Callable[..., Any], *structures: Any) -> Any:
 def map_data(fn: Callable[[Any], Any], data: Any) -> Any:
     """``fn`` applied to every array of a data structure, ``None`` kept (no y, no sample weights)."""
     return map_structure(lambda t: None if t is None else fn(t), data)
+
+
+def map_with_paths(fn: Callable[[str, Any], Any], structure: Any, prefix: str = "") -> Any:
+    """``fn(path, leaf)`` for every leaf (paths as :func:`paths` writes them), containers rebuilt."""
+    if isinstance(structure, Mapping):
+        return {k: map_with_paths(fn, structure[k], f"{prefix}[{k!r}]") for k in sorted(structure)}
+    if isinstance(structure, (list, tuple)):
+        items = [map_with_paths(fn, item, f"{prefix}[{i}]") for i, item in enumerate(structure)]
+        if hasattr(structure, "_fields"):  # a namedtuple
+            return type(structure)(*items)
+        return tuple(items) if isinstance(structure, tuple) else items
+    return fn(prefix, structure)

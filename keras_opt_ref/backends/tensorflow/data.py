@@ -7,7 +7,6 @@ from typing import Any
 import scipy.sparse
 import tensorflow as tf
 
-from ...base import nest
 from ...base.checks import summary
 from ...base.data import concatenate as join_batches
 
@@ -62,7 +61,3 @@ def is_infinite(iterator: Any) -> bool:
     except (TypeError, ValueError, tf.errors.OpError):
         return False
 
-
-def map_data(fn: Any, data: Any) -> Any:
-    """``fn`` on every tensor of a data structure, ``None`` kept."""
-    return nest.map_data(fn, data)

@@ -69,8 +69,7 @@ class TensorFlowObjective(ChunkGraphs, Objective):
     flat_class = GraphFlatVariables
     _chunks: tuple[Any, Any] | None = None
 
-    def _convert_leaf(self, where: str, leaf: Any) -> tf.Tensor:
-        return to_tensor(where, leaf)
+    _convert_leaf = staticmethod(to_tensor)
 
     def _setup(self) -> None:
         self._xla_fallback = self.settings.jit_compile is None
