@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
+
+from .plugin import check_offered
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # KERAS_OPT_STRATEGY=mirrored: every check runs inside a tf.distribute.MirroredStrategy's scope over
@@ -21,16 +24,20 @@ if STRATEGY:
 
 
 @pytest.fixture(autouse=True)
-def _fresh_keras(keras):
-    keras.utils.set_random_seed(7)
-    if STRATEGY:
-        import tensorflow as tf
-
-        with tf.distribute.MirroredStrategy([d.name for d in tf.config.list_logical_devices("CPU")[:2]]).scope():
-            yield
-    else:
+def _fresh_keras(keras, request):
+    with _strategy_scope():
+        check_offered(request)  # LIMIT if not offered; its probe fit (once per level) comes before the seed
+        keras.utils.set_random_seed(7)
         yield
     keras.backend.clear_session()
+
+
+def _strategy_scope():
+    if not STRATEGY:
+        return contextlib.nullcontext()
+    import tensorflow as tf
+
+    return tf.distribute.MirroredStrategy([d.name for d in tf.config.list_logical_devices("CPU")[:2]]).scope()
 
 
 @pytest.fixture

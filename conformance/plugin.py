@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from . import levels, verdict
 from .spy import Observer
 
 REFERENCE = "keras_opt_ref.scipy_optimizer"
@@ -32,9 +33,18 @@ def pytest_addoption(parser):
     group.addoption("--impl", default=None, help="module exposing make_train_function (or env KERAS_OPT_IMPL)")
     group.addoption("--xfails-file", default=None, help="file of test ids expected to fail, one per line")
     group.addoption("--conformance-json", default=None, help="write each check's outcome and message here")
+    group.addoption("--levels", default=None,
+                    help="levels to check, comma-separated (core is always in): "
+                    f"{', '.join(levels.LEVELS)}; 'all'; default 'auto': each optional level and method is "
+                    "checked unless the implementation refuses it on purpose when first asked (then LIMIT)")
     group.addoption("--check-timeout", type=float, default=None,
                     help=f"seconds per check before it fails as hung (default {DEFAULT_CHECK_TIMEOUT:g}, "
                     "or env KERAS_OPT_CHECK_TIMEOUT); 0 turns the limit off")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "level(name, method=None): the conformance level a check belongs to "
+                            "(default core) and the method it needs besides its `method` parameter")
 
 
 def implementation_name(config) -> str | None:
@@ -124,6 +134,42 @@ def observe(impl):
 @pytest.fixture
 def keras():
     return _keras_module()
+
+
+@pytest.fixture(scope="session")
+def offers(impl, pytestconfig):
+    """What the implementation offers (``levels.Offers``), asked once per level or method."""
+    try:
+        selected = levels.parse(pytestconfig.getoption("--levels"))
+    except ValueError as exc:
+        pytest.exit(str(exc), returncode=4)
+    return levels.Offers(impl, _keras_module(), Observer, selected)
+
+
+def level_of(item) -> str:
+    marker = item.get_closest_marker("level")
+    if marker is not None:
+        return marker.args[0]
+    method = _method_of(item)
+    return levels.method_level(method) if method else "core"
+
+
+def _method_of(item) -> str | None:
+    """The method a check needs: its ``method`` parameter, or the ``method=`` of its level marker."""
+    callspec = getattr(item, "callspec", None)
+    if callspec is not None and "method" in callspec.params:
+        return callspec.params["method"]
+    marker = item.get_closest_marker("level")
+    return marker.kwargs.get("method") if marker is not None else None
+
+
+def check_offered(request) -> None:
+    """A check whose level or method the implementation does not offer ends LIMIT, before it runs
+    (called by the suite's per-check fixture, before the check's random seed is set)."""
+    item = request.node
+    offer = request.getfixturevalue("offers").of(level_of(item), _method_of(item))
+    if not offer.offered:
+        verdict.limit(offer.why)
 
 
 def _in_suite(item) -> bool:
@@ -252,14 +298,22 @@ def pytest_runtest_makereport(item, call):
     if not _in_suite(item):
         return
     if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
+        observer = getattr(item, "funcargs", {}).get("observe")
+        warnings_ = list(getattr(observer, "warnings", [])) if report.when == "call" else []
+        message = ""
         if hasattr(report, "wasxfail"):
             state = "xpass" if report.passed else "xfail"
         else:
             state = {"passed": "pass", "failed": "fail", "skipped": "skip"}[report.outcome]
-        message = ""
         if report.failed and call.excinfo is not None:
             message = failure_message(call.excinfo)
-        _OUTCOMES[check_id(item)] = {"outcome": state, "message": message}
+        elif state == "skip":
+            message = verdict.skip_reason(report)
+            if message.startswith(verdict.LIMIT_PREFIX):
+                state, message = "limit", message.removeprefix(verdict.LIMIT_PREFIX)
+        elif state == "pass" and warnings_:
+            state, message = "warn", "\n".join(warnings_)
+        _OUTCOMES[check_id(item)] = {"outcome": state, "message": message, "level": level_of(item)}
         _write_outcomes(item.config)
 
 
@@ -271,8 +325,9 @@ def section_summary(outcomes: dict[str, dict[str, str]]) -> list[str]:
         if not mine:
             continue
         failed = [k.split("::", 1)[1] for k, v in mine.items() if v["outcome"] == "fail"]
-        passed = sum(v["outcome"] == "pass" for v in mine.values())
-        line = f"{section}: {passed}/{len(mine)} pass"
+        counts = ", ".join(f"{n} {s}" for s in verdict.STATES
+                           if (n := sum(v["outcome"] == s for v in mine.values())))
+        line = f"{section}: {counts}"
         if failed:
             line += f"; FAILED {len(failed)}: {', '.join(failed)}"
         lines.append(line)
@@ -283,8 +338,16 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if not _OUTCOMES:
         return
     terminalreporter.section(f"keras-opt conformance: {implementation_name(config)}")
+    terminalreporter.write_line("verdict per level (FAIL: wrong; LIMIT: not offered; WARN: correct but wasteful "
+                                "or noisy; PASS):")
+    for line in verdict.level_lines(_OUTCOMES):
+        terminalreporter.write_line(f"  {line}")
+    for check, outcome in sorted(_OUTCOMES.items()):
+        if outcome["outcome"] == "warn":
+            terminalreporter.write_line(f"  WARN {check}: {outcome['message'].splitlines()[0][:300]}")
+    terminalreporter.write_line("by section:")
     for line in section_summary(_OUTCOMES):
-        terminalreporter.write_line(line)
+        terminalreporter.write_line(f"  {line}")
 
 
 def pytest_sessionfinish(session, exitstatus):

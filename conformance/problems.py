@@ -65,6 +65,28 @@ def nonneg_problem(n=40, seed=2):
     return X, y
 
 
+def conv_model(keras, rank=2):
+    """Weights of rank 3 (Conv1D kernel) or 4 (Conv2D kernel): the flat vector must hold them in C order too."""
+    if rank == 1:
+        body = [keras.Input((8, 2)), keras.layers.Conv1D(3, 3, activation="tanh")]
+    else:
+        body = [keras.Input((5, 5, 1)), keras.layers.Conv2D(2, 3, activation="tanh")]
+    return keras.Sequential([*body, keras.layers.Flatten(), keras.layers.Dense(1)])
+
+
+def conv_data(rank=2, n=30, seed=8):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, 8, 2) if rank == 1 else (n, 5, 5, 1))
+    return X, np.tanh(X.reshape(n, -1).sum(axis=1, keepdims=True) / 4) + 0.1 * rng.normal(size=(n, 1))
+
+
+def dropout_model(keras, rate=0.5):
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(6, activation="tanh"), keras.layers.Dropout(rate),
+                              keras.layers.Dense(1)])
+    model.compile(loss="mse")
+    return model
+
+
 def embedding_model(keras, with_dense=True, rows=6, width=3):
     ids = keras.Input((2,), dtype="int32")
     emb = keras.layers.Flatten()(keras.layers.Embedding(rows, width)(ids))

@@ -18,8 +18,9 @@ import tempfile
 from pathlib import Path
 
 from .independent import CORRECT, IMPLEMENTATIONS
+from .levels import LEVELS
 from .mutants import MUTANTS, TENSORFLOW_ONLY
-from .plugin import section_summary
+from .verdict import level_lines, level_summary_cell
 
 MUTANT_PACKAGE = "keras_opt_ref_conformance.mutants"
 INDEPENDENT_PACKAGE = "keras_opt_ref_conformance.independent"
@@ -38,7 +39,7 @@ def run_suite(
         targets = ["--pyargs", "keras_opt_ref_conformance"] if not checks else [node_id(c) for c in checks]
         cmd = [
             sys.executable, "-m", "pytest", *targets, "--impl", impl,
-            "-q", "-p", "no:cacheprovider", "--conformance-json", str(out), *backend_args(), *(extra or []),
+            "-q", "-p", "no:cacheprovider", "--conformance-json", str(out), *(extra or []),
         ]
         env = {**os.environ, "PYTHONWARNINGS": ""}
         try:
@@ -81,6 +82,22 @@ def failures(run: dict) -> dict[str, str]:
     return {check: t["message"] for check, t in run["tests"].items() if t["outcome"] == "fail"}
 
 
+def levels_of(run: dict) -> dict[str, str]:
+    """One word per level for a run: FAIL, LIMIT (not offered), WARN, PASS, or '-' (no check of it ran)."""
+    tests = run["tests"]
+    return {level: level_summary_cell({k: v for k, v in tests.items() if v.get("level", "core") == level})
+            for level in LEVELS}
+
+
+def level_matrix_markdown(runs: dict[str, dict]) -> str:
+    """Implementations x levels: the verdict of each level."""
+    lines = ["| implementation | " + " | ".join(LEVELS) + " |", "|---|" + "---|" * len(LEVELS)]
+    for impl, run in runs.items():
+        cells = levels_of(run)
+        lines.append(f"| {short_name(impl)} | " + " | ".join(cells[level] for level in LEVELS) + " |")
+    return "\n".join(lines)
+
+
 def matrix_markdown(runs: dict[str, dict]) -> str:
     impls = list(runs)
     checks = sorted({check for run in runs.values() for check in run["tests"]})
@@ -93,7 +110,7 @@ def matrix_markdown(runs: dict[str, dict]) -> str:
         if not failed:
             continue
         lines += ["", f"### {short_name(impl)}: failing checks", ""]
-        lines += [f"- {line}" for line in section_summary(runs[impl]["tests"])]
+        lines += [f"- {line}" for line in level_lines(runs[impl]["tests"])]
         for check, message in sorted(failed.items()):
             body = "\n".join("    " + line for line in message.splitlines())
             lines += ["", f"**{check}**", "", body]
@@ -105,7 +122,7 @@ def summary(runs: dict[str, dict], mutants: list[str], independent: list[str]) -
     for impl, run in runs.items():
         outcomes = [t["outcome"] for t in run["tests"].values()]
         failed = outcomes.count("fail")
-        kinds = ("pass", "fail", "xfail", "xpass", "skip")
+        kinds = ("pass", "warn", "fail", "limit", "xfail", "xpass", "skip")
         counts = ", ".join(f"{outcomes.count(k)} {k}" for k in kinds if outcomes.count(k))
         correct = impl not in mutants and (impl not in independent or short_name(impl) in CORRECT)
         if correct:
@@ -115,8 +132,7 @@ def summary(runs: dict[str, dict], mutants: list[str], independent: list[str]) -
             verdict = "killed" if failed else "SURVIVED"
             ok &= failed > 0
         lines.append(f"{short_name(impl)}: {verdict} ({counts})")
-        if failed:
-            lines += [f"  {line}" for line in section_summary(run["tests"]) if "FAILED" in line]
+        lines += [f"  {line}" for line in level_lines(run["tests"])]
     if mutants:
         killed = sum(1 for m in mutants if failures(runs[m]))
         lines.append(f"mutation score: {killed}/{len(mutants)} mutants killed")
@@ -137,7 +153,8 @@ def main(impls: list[str], with_mutants: bool, out_dir: str, fail_fast: bool = F
     table = matrix_markdown(runs)
     lines, ok = summary(runs, mutants, independent)
     flavour = "tf-keras" if os.environ.get("TF_USE_LEGACY_KERAS", "") in ("1", "true") else "Keras 3"
-    text = f"# keras-opt conformance ({flavour})\n\n" + "\n".join(f"- {line}" for line in lines) + "\n\n" + table + "\n"
+    text = (f"# keras-opt conformance ({flavour})\n\n" + "\n".join(f"- {line}" for line in lines) + "\n\n"
+            + "## Verdict per level\n\n" + level_matrix_markdown(runs) + "\n\n## Every check\n\n" + table + "\n")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "conformance.md").write_text(text)
@@ -145,14 +162,6 @@ def main(impls: list[str], with_mutants: bool, out_dir: str, fail_fast: bool = F
     print(text)
     print(f"written: {out / 'conformance.md'}, {out / 'conformance.json'}")
     return 0 if ok else 1
-
-
-TENSORFLOW_ONLY_XFAILS = Path(__file__).parent / "xfails" / "tensorflow-only.txt"
-
-
-def backend_args() -> list[str]:
-    """Off TensorFlow, the checks of TensorFlow-only features are expected to fail (listed xfails)."""
-    return [] if _backend() == "tensorflow" else ["--xfails-file", str(TENSORFLOW_ONLY_XFAILS)]
 
 
 def _backend() -> str:

@@ -73,6 +73,7 @@ class Call:
     raised: BaseException | None = None
     counts: dict[str, int] = field(default_factory=dict)  # calls scipy made during the run
     evaluated: list[tuple[np.ndarray, float]] = field(default_factory=list)  # (x, f) scipy saw
+    after_return: np.ndarray | None = None  # the point of the observer's evaluation after scipy returned
 
     # ------------------------------------------------------------ description
     def describe(self) -> str:
@@ -305,15 +306,25 @@ class _Counted:
         call = self.call
         call.counts[self.name] += 1
         if self.name == "fun" and self.observer.interrupt_at == call.counts["fun"]:
+            # First one more evaluation, at a point worse than the best so far (as a rejected trial step
+            # would be), so that the last point evaluated, the best point and the start are three points.
+            best = min(call.evaluated, key=lambda e: e[1] if np.isfinite(e[1]) else np.inf)[0] if call.evaluated \
+                else np.asarray(args[0], dtype=np.float64)
+            worse = best + 0.5 * np.random.default_rng(77).normal(size=best.size)
+            self.record(worse, self.fn(np.array(worse), *args[1:], **kwargs))
             raise KeyboardInterrupt(f"injected by the conformance suite at scipy's fun call {call.counts['fun']}")
         out = self.fn(*args, **kwargs)
+        self.record(args[0], out)
+        return out
+
+    def record(self, x: Any, out: Any) -> None:
+        call = self.call
         if self.name == "fun" and call.entry != "least_squares":
             try:
                 f = out[0] if call.gradient_route == "combined" else out
-                call.evaluated.append((np.array(args[0], dtype=np.float64, copy=True), float(np.asarray(f))))
+                call.evaluated.append((np.array(x, dtype=np.float64, copy=True), float(np.asarray(f))))
             except (TypeError, ValueError, IndexError):
                 pass  # a malformed value is scipy's problem to report, not the observer's
-        return out
 
 
 class Observer:
@@ -327,7 +338,16 @@ class Observer:
         self.impl = impl_module_name.split(".")[0]
         self.calls: list[Call] = []
         self.interrupt_at: int | None = None
+        # After scipy returns and before the implementation sees the result: one more evaluation, at a point
+        # worse than scipy's x (scipy's methods may evaluate anywhere; a stateless objective does not care), so
+        # that the weights left by the last evaluation differ from result.x and from the best point.
+        self.evaluate_after_return = False
+        self.warnings: list[str] = []  # the check is correct but wasteful or noisy: it ends WARN
         self._patched: list[tuple[Any, str, Any]] = []
+
+    def warn(self, message: str) -> None:
+        """The running check found correct but wasteful or noisy behaviour: it ends WARN (unless it fails)."""
+        self.warnings.append(message)
 
     @property
     def last(self) -> Call:
@@ -367,6 +387,12 @@ class Observer:
                 call.raised = exc
                 raise
             call.record_result(result)
+            if self.evaluate_after_return and call.returned_x is not None and call.entry != "least_squares":
+                x = call.returned_x + 0.5 * np.random.default_rng(78).normal(size=call.returned_x.size)
+                call.after_return = x
+                out = call.fun(np.array(x), *call.args)
+                f = out[0] if call.gradient_route == "combined" else out
+                call.evaluated.append((np.array(x, dtype=np.float64), float(np.asarray(f))))
             return result
 
         observed.__wrapped_by_conformance__ = True

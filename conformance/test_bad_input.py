@@ -40,7 +40,11 @@ def test_unknown_method(impl, observe, keras):
     message = _refused(impl, observe, keras, problem="method='no-such-method'", keywords=("no-such-method", "method"),
                        bad=lambda: fit(impl, _compiled(keras), X, y, method="no-such-method"),
                        good=lambda: fit_ok(impl, _compiled(keras), X, y, method="L-BFGS-B"))
-    assert "L-BFGS-B" in message, f"the message should list the valid methods: {message!r}"
+    if "L-BFGS-B" not in message:
+        if observe.warnings:  # scipy's own refusal at its entry: correct, but it does not list the methods
+            observe.warn(f"scipy's own message does not list the valid methods: {message!r}")
+        else:
+            raise AssertionError(f"the message should list the valid methods: {message!r}")
 
 
 @pytest.mark.parametrize("where", ["inputs", "targets", "sample weights"])
@@ -71,20 +75,6 @@ def test_empty_data(impl, observe, keras):
              good=lambda: fit_ok(impl, _compiled(keras), X, y))
 
 
-def test_stochastic_layer(impl, observe, keras):
-    X, y = regression()
-    layers = keras.layers
-
-    def model(rate):
-        m = keras.Sequential([keras.Input((3,)), layers.Dense(4), layers.Dropout(rate), layers.Dense(1)])
-        m.compile(loss="mse")
-        return m
-
-    _refused(impl, observe, keras, problem="an active Dropout layer (a random objective)",
-             keywords=("dropout", "stochastic", "random", "deterministic"),
-             bad=lambda: fit(impl, model(0.5), X, y), good=lambda: fit_ok(impl, model(0.0), X, y))
-
-
 def test_low_precision(impl, observe, keras):
     X, y = regression()
 
@@ -97,6 +87,7 @@ def test_low_precision(impl, observe, keras):
              bad=lambda: fit(impl, model("mixed_float16"), X, y), good=lambda: fit_ok(impl, model("float32"), X, y))
 
 
+@pytest.mark.level("bounds", method="CG")
 def test_bounds_for_unbounded_method(impl, observe, keras):
     X, y = regression()
     _refused(impl, observe, keras, problem="bounds with method='CG', which ignores them", keywords=("bound",),
@@ -127,3 +118,19 @@ def test_invalid_maxiter(impl, observe, keras, maxiter):
     _refused(impl, observe, keras, problem=f"maxiter={maxiter!r}", keywords=("maxiter",),
              bad=lambda: fit(impl, _compiled(keras), X, y, maxiter=maxiter),
              good=lambda: fit_ok(impl, _compiled(keras), X, y, maxiter=3))
+
+
+@pytest.mark.level("least_squares", method="trf")
+def test_least_squares_with_a_loss_that_is_not_squared(impl, observe, keras):
+    """Least squares minimizes r.r: with loss='mae' no residual vector has r.r equal to Keras's loss."""
+    X, y = regression()
+
+    def model(loss):
+        m = mlp(keras)
+        m.compile(loss=loss)
+        return m
+
+    _refused(impl, observe, keras, problem="method='trf' (least squares) on a model compiled with loss='mae'",
+             keywords=("squared", "mse", "mae", "absolute", "least squares", "least-squares"),
+             bad=lambda: fit(impl, model("mae"), X, y, method="trf"),
+             good=lambda: fit_ok(impl, model("mse"), X, y, method="trf"))

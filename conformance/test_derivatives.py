@@ -19,23 +19,39 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from . import probes
 from .expect import close_scalar, close_vector, fitted_call, float64_vector
-from .problems import HESS_METHODS, HESSP_METHODS, embedding_data, embedding_model, mlp, regression
+from .problems import (
+    HESS_METHODS,
+    HESSP_METHODS,
+    conv_data,
+    conv_model,
+    embedding_data,
+    embedding_model,
+    mlp,
+    regression,
+)
+from .test_objective import check_collisions
 from .truth import central_gradient, central_jacobian, directional, keras_loss_at
 
 FD = "float64 central finite differences of scipy's own f"
 FD_GRAD = "float64 central finite differences of the gradient handed to scipy"
 
 
-def _observed(impl, observe, keras, model, x, y, method):
+def _observed(impl, observe, keras, model, x, y, method, steps=None, checked="the derivatives"):
+    """fit with ``method``; the call scipy got and a point near x0. With ``steps``, f must first carry the
+    precision the finite differences need (``probes.require_float64``)."""
     model.compile(loss="mse")
     _, call = fitted_call(impl, observe, model, x, y, method=method, maxiter=1, batch_size=16)
-    return call, call.x0 + 0.05 * np.random.default_rng(9).normal(size=call.x0.size)
+    w = call.x0 + 0.05 * np.random.default_rng(9).normal(size=call.x0.size)
+    if steps is not None:
+        probes.require_float64(call, lambda v: keras_loss_at(model, v, x, y), w, steps, checked)
+    return call, w
 
 
-def _mlp_call(impl, observe, keras, method, l2=0.02):
+def _mlp_call(impl, observe, keras, method, l2=0.02, steps=None, checked="the derivatives"):
     X, y = regression(n=30)
-    return _observed(impl, observe, keras, mlp(keras, l2=l2), X, y, method)
+    return _observed(impl, observe, keras, mlp(keras, l2=l2), X, y, method, steps, checked)
 
 
 def test_gradient_is_a_float64_vector(impl, observe, keras, float64, steps):
@@ -43,8 +59,15 @@ def test_gradient_is_a_float64_vector(impl, observe, keras, float64, steps):
     float64_vector(call.gradient(w), w.size, "the gradient handed to scipy")
 
 
-def test_gradient_matches_finite_differences(impl, observe, keras, float64, steps):
-    call, w = _mlp_call(impl, observe, keras, "L-BFGS-B")
+@pytest.mark.parametrize("model_kind", ["mlp", "conv1d"])
+def test_gradient_matches_finite_differences(impl, observe, keras, float64, steps, model_kind):
+    if model_kind == "mlp":
+        call, w = _mlp_call(impl, observe, keras, "L-BFGS-B", steps=steps, checked="the gradient")
+        problem = "30 samples in batches of 16, L2 0.02"
+    else:
+        X, y = conv_data(rank=1)
+        call, w = _observed(impl, observe, keras, conv_model(keras, rank=1), X, y, "L-BFGS-B", steps, "the gradient")
+        problem = "a Conv1D model: a rank-3 kernel"
     g = np.asarray(call.gradient(w), dtype=np.float64)
     close_vector(
         g,
@@ -53,7 +76,7 @@ def test_gradient_matches_finite_differences(impl, observe, keras, float64, step
         atol=steps.atol,
         what="the gradient handed to scipy",
         truth=FD,
-        why="the gradient is not the exact gradient of the objective (30 samples in batches of 16, L2 0.02)",
+        why=f"the gradient is not the exact gradient of the objective ({problem})",
     )
 
 
@@ -72,28 +95,30 @@ def test_value_matches_keras_where_the_gradient_is_checked(impl, observe, keras,
     )
 
 
-def test_gradient_honours_x_in_any_order(impl, observe, keras, float64, steps):
-    """grad(x0) called right after f(x1) must be the gradient at x0."""
+def test_gradient_honours_x_in_any_order(impl, observe, keras, float64):
+    """grad(x0) called right after f(x1) must be the gradient at x0 (compared with the implementation's own
+    gradient at x0 taken fresh, so that neither precision nor finite differences can pass for state)."""
     call, x0 = _mlp_call(impl, observe, keras, "L-BFGS-B")
     x1 = x0 + np.random.default_rng(3).normal(size=x0.size)
-    at_x1 = central_gradient(call.value, x1, steps.h)
-    at_x0 = central_gradient(call.value, x0, steps.h)
+    _which_point(call, "g", x0, x1, p=None, what="grad(x0) called right after f(x1)",
+                 why="the gradient callable does not honour its x argument")
+
+
+def _which_point(call, kind, x0, x1, p, what, why):
+    want, at_x1 = probes.fresh(call, kind, x0, p), probes.fresh(call, kind, x1, p, seed=1)
     call.value(x1)
-    close_vector(
-        call.gradient(x0),
-        at_x0,
-        rtol=steps.rtol,
-        atol=steps.atol,
-        what="grad(x0) called right after f(x1)",
-        truth=f"{FD} at x0",
-        why="the gradient callable does not honour its x argument",
-        known={"the gradient at x1, the last point evaluated": at_x1},
-    )
+    got = probes.evaluate(call, kind, x0, p)
+    if probes.same(got, want):
+        return
+    named = probes.name_point(got, {"the value at x1, the weights of the last evaluation": at_x1})
+    close_vector(got, want, rtol=probes.SAME_RTOL, atol=0.0, what=what,
+                 truth="the implementation's own value at x0 taken fresh (f(x0), then the gradient, then it)",
+                 why=f"{why}" + (f": it equals {named}" if named else ""))
 
 
 @pytest.mark.parametrize("method", HESSP_METHODS)
 def test_hvp_matches_finite_differences(impl, observe, keras, float64, method, steps):
-    call, w = _mlp_call(impl, observe, keras, method)
+    call, w = _mlp_call(impl, observe, keras, method, steps=steps, checked="Hessian-vector products")
     p = np.random.default_rng(1).normal(size=w.size)
     hp = call.hvp(w, p)
     close_vector(
@@ -115,7 +140,7 @@ def test_hvp_matches_finite_differences(impl, observe, keras, float64, method, s
 
 @pytest.mark.parametrize("method", HESS_METHODS)
 def test_dense_hessian_matches_finite_differences(impl, observe, keras, float64, method, steps):
-    call, w = _mlp_call(impl, observe, keras, method)
+    call, w = _mlp_call(impl, observe, keras, method, steps=steps, checked="the dense Hessian")
     n = w.size
     H_fd = np.stack(
         [directional(call.gradient, w, e, steps.h_hvp) for e in np.eye(n)], axis=1
@@ -142,6 +167,7 @@ def test_dense_hessian_matches_finite_differences(impl, observe, keras, float64,
     )
 
 
+@pytest.mark.level("curvature", method="trust-ncg")
 def test_hvp_is_linear_and_symmetric(impl, observe, keras, float64, steps):
     call, w = _mlp_call(impl, observe, keras, "trust-ncg", l2=0.0)
     rng = np.random.default_rng(2)
@@ -164,30 +190,29 @@ def test_hvp_is_linear_and_symmetric(impl, observe, keras, float64, steps):
 
 
 @pytest.mark.parametrize("method", HESSP_METHODS)
-def test_hvp_honours_x_in_any_order(impl, observe, keras, float64, method, steps):
-    """hessp(x0, p) called right after f(x1) must be the product at x0."""
+def test_hvp_honours_x_in_any_order(impl, observe, keras, float64, method):
+    """hessp(x0, p) called right after f(x1) must be the product at x0 (about a quarter of trust-ncg's products
+    come at a point other than the last one evaluated)."""
     call, x0 = _mlp_call(impl, observe, keras, method)
     rng = np.random.default_rng(3)
     x1, p = x0 + rng.normal(size=x0.size), rng.normal(size=x0.size)
-    at_x0, at_x1 = directional(call.gradient, x0, p, steps.h_hvp), directional(call.gradient, x1, p, steps.h_hvp)
-    call.value(x1)
-    close_vector(
-        call.hvp(x0, p),
-        at_x0,
-        rtol=steps.rtol,
-        atol=steps.atol,
-        what=f"{method}: hessp(x0, p) called right after f(x1)",
-        truth=f"{FD_GRAD} at x0",
-        why="hessp does not honour its x argument (about a quarter of trust-ncg's products come at a point other "
-        "than the last one evaluated)",
-        known={"H(x1) p: the product at the weights of the last evaluation": at_x1},
-    )
+    _which_point(call, "hvp", x0, x1, p, what=f"{method}: hessp(x0, p) called right after f(x1)",
+                 why="hessp does not honour its x argument")
+
+
+@pytest.mark.level("curvature", method="trust-ncg")
+def test_hvp_memo_is_keyed_on_the_whole_x(impl, observe, keras, float64):
+    """Products after f, the gradient or another product at a point that a cheap key confuses with theirs."""
+    call, _ = _mlp_call(impl, observe, keras, "trust-ncg")
+    p = np.random.default_rng(6).normal(size=call.x0.size)
+    check_collisions(call, [("f", "hvp"), ("g", "hvp"), ("hvp", "hvp")], "Hessian-vector products", p=p)
 
 
 @pytest.mark.parametrize("with_dense", [False, True], ids=["embedding", "embedding+dense"])
 def test_embedding_gradient_with_repeated_indices(impl, observe, keras, float64, with_dense, steps):
     ids, y = embedding_data()
-    call, w = _observed(impl, observe, keras, embedding_model(keras, with_dense), ids, y, "L-BFGS-B")
+    call, w = _observed(impl, observe, keras, embedding_model(keras, with_dense), ids, y, "L-BFGS-B", steps,
+                        "the gradient")
     close_vector(
         call.gradient(w),
         central_gradient(call.value, w, steps.h),
@@ -199,9 +224,11 @@ def test_embedding_gradient_with_repeated_indices(impl, observe, keras, float64,
     )
 
 
+@pytest.mark.level("curvature", method="trust-ncg")
 def test_embedding_hvp_with_repeated_indices(impl, observe, keras, float64, steps):
     ids, y = embedding_data()
-    call, w = _observed(impl, observe, keras, embedding_model(keras, True), ids, y, "trust-ncg")
+    call, w = _observed(impl, observe, keras, embedding_model(keras, True), ids, y, "trust-ncg", steps,
+                        "Hessian-vector products")
     p = np.random.default_rng(4).normal(size=w.size)
     close_vector(
         call.hvp(w, p),
@@ -215,20 +242,30 @@ def test_embedding_hvp_with_repeated_indices(impl, observe, keras, float64, step
 
 
 @pytest.mark.parametrize("method", ["lm", "trf"])
-def test_least_squares_residuals_and_jacobian(impl, observe, keras, float64, method, steps):
-    """Residuals whose squares sum to Keras's loss, and their exact Jacobian."""
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "sample-weights"])
+def test_least_squares_residuals_and_jacobian(impl, observe, keras, float64, method, weighted, steps):
+    """Residuals whose squares sum to Keras's loss, and their exact Jacobian (with sample weights, the weights
+    are inside both)."""
     X, y = regression(n=30)
+    sw = np.random.default_rng(7).uniform(0.2, 3.0, size=30) if weighted else None
     model = mlp(keras, l2=0.02)
     model.compile(loss="mse")
-    _, call = fitted_call(impl, observe, model, X, y, method=method, maxiter=1, batch_size=16)
+    _, call = fitted_call(impl, observe, model, X, y, method=method, maxiter=1, batch_size=16, sample_weight=sw)
     assert call.entry == "least_squares", f"{method}: expected scipy.optimize.least_squares, got {call.describe()}"
     w = call.x0 + 0.05 * np.random.default_rng(5).normal(size=call.x0.size)
     r = call.residuals(w)
-    truth = keras_loss_at(model, w, X, y)
-    assert abs(r @ r - truth) <= 1e-6 * abs(truth), (
-        f"{method}: r(x).r(x) = {r @ r:.6g} but model.evaluate(batch_size=N) = {truth:.6g}: the squared residuals "
-        "do not sum to Keras's loss (mse over 30 samples plus the L2 term)"
-    )
+    truth = keras_loss_at(model, w, X, y, sw)
+    if abs(r @ r - truth) > 1e-6 * abs(truth):
+        ratio = (r @ r) / truth
+        scaled = ""
+        for name, n in (("the number of samples", len(X)), ("the number of residuals", r.size)):
+            if abs(ratio - n) <= 1e-6 * n and n > 1:
+                scaled = (f" r.r = {n} x the loss: factor N = {n}, {name}: the residuals are not divided by sqrt(N) "
+                          "(same minimizer, but scipy's cost, gtol and ftol act on N times the loss)")
+        raise AssertionError(
+            f"{method}: r(x).r(x) = {r @ r:.6g} but model.evaluate(batch_size=N) = {truth:.6g}: the squared residuals "
+            f"do not sum to Keras's loss (mse over 30 samples plus the L2 term"
+            f"{', with sample weights' if weighted else ''}).{scaled}")
     J = call.jacobian(w)
     assert J.shape == (r.size, w.size), f"{method}: Jacobian shape {J.shape}, expected {(r.size, w.size)}"
     close_vector(
@@ -238,5 +275,6 @@ def test_least_squares_residuals_and_jacobian(impl, observe, keras, float64, met
         atol=steps.atol,
         what=f"{method}: the Jacobian",
         truth="float64 central finite differences of the residuals",
-        why="the Jacobian is not exact",
+        why="the Jacobian is not exact" + (" (with sample weights: are they inside the Jacobian as they are inside "
+                                           "the residuals?)" if weighted else ""),
     )

@@ -56,28 +56,40 @@ def test_method_runs_with_its_derivatives(impl, observe, keras, method):
         history, call = fitted_call(impl, observe, model, X, y, method=method,
                                     maxiter=500 if method not in GRADIENT_FREE else 2000)
     assert _same_method(method, call.method), f"asked for {method}, scipy ran {call.describe()}"
-    assert not _scipy_warnings(caught), f"{method}: scipy warned: {_scipy_warnings(caught)}"
     gets_gradient = call.gradient_route is not None
     if method in GRADIENT_FREE:
-        assert not gets_gradient, f"{method} uses no gradient but was handed one: {call.describe()}"
+        if gets_gradient:  # scipy ignores it (and warns): wasted evaluations, not a wrong result
+            observe.warn(f"{method} uses no gradient but was handed one ({call.describe()}): each evaluation computes "
+                         "a gradient scipy throws away")
     else:
         assert gets_gradient, f"{method} needs the exact gradient and got none ({call.gradient_note})"
     gets_hessian = call.hess is not None or call.hessp is not None
     if method in NEEDS_HESSIAN:
         assert gets_hessian, f"{method} needs hess or hessp and got neither ({call.hess_note or call.describe()})"
-    elif method not in USES_HESSIAN:
-        assert not gets_hessian, f"{method} does not use a Hessian but was handed one: {call.describe()}"
+    elif method not in USES_HESSIAN and gets_hessian:
+        observe.warn(f"{method} does not use a Hessian but was handed one ({call.describe()}); scipy ignores it")
     final = keras_loss(model, X, y)
     assert final <= start * (1 + 1e-9), f"{method}: the model ended at loss {final:.6g}, above the start {start:.6g}"
     _history_loss_is_final(method, history, call, final)
+    warned = _scipy_warnings(caught)
     if method not in GRADIENT_FREE:
         assert final <= optimum * (1 + OPTIMUM_RTOL), (
             f"{method}: loss {final:.8g} after up to 500 iterations, but the closed-form (lstsq) optimum is "
             f"{optimum:.8g}: the method did not converge on a 4-weight linear least-squares problem"
+            + (f" (scipy warned: {warned})" if warned else "")
         )
+    _warn_about(observe, method, warned)
 
 
-@pytest.mark.parametrize("method", sorted(TAKES_BOUNDS))
+def _warn_about(observe, method, warned) -> None:
+    """scipy's warnings alone never fail a check (some are informational: trust-constr's "delta_grad == 0.0 ...
+    If the function is linear ..." on a linear model); the result decides, and the warnings are reported."""
+    if warned:
+        observe.warn(f"{method}: scipy warned, and the run reached the optimum: {warned}")
+
+
+@pytest.mark.level("bounds")
+@pytest.mark.parametrize("method", [*sorted(TAKES_BOUNDS), "trf", "dogbox"])
 def test_bounds_honoured(impl, observe, keras, method):
     X, y, coef, _ = linear_problem()
     model = linear(keras)
@@ -95,6 +107,7 @@ def test_bounds_honoured(impl, observe, keras, method):
     )
 
 
+@pytest.mark.level("bounds")
 def test_nonneg_constraint_honoured(impl, observe, keras):
     """A Keras NonNeg kernel constraint: fit with a bounded method leaves the kernel >= 0, as Keras's own fit does."""
     X, y = nonneg_problem()
@@ -130,10 +143,13 @@ def test_least_squares_method_reaches_the_optimum(impl, observe, keras, method):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         history, call = fitted_call(impl, observe, model, X, y, method=method, maxiter=200)
-    assert not _scipy_warnings(caught), f"{method}: scipy warned: {_scipy_warnings(caught)}"
     assert call.entry == "least_squares", f"{method}: expected scipy.optimize.least_squares, got {call.describe()}"
     assert call.method == method, f"asked for {method}, least_squares got method={call.method!r}"
     assert callable(call.jac), f"{method}: the exact Jacobian must be handed over, got jac={call.jac!r}"
     final = keras_loss(model, X, y)
     _history_loss_is_final(method, history, call, final)
-    assert final <= optimum * (1 + OPTIMUM_RTOL), f"{method}: loss {final:.8g} vs closed-form optimum {optimum:.8g}"
+    warned = _scipy_warnings(caught)
+    assert final <= optimum * (1 + OPTIMUM_RTOL), (
+        f"{method}: loss {final:.8g} vs closed-form optimum {optimum:.8g}" + (f" (scipy warned: {warned})" if warned
+                                                                            else ""))
+    _warn_about(observe, method, warned)

@@ -41,12 +41,12 @@ MUTANTS: dict[str, dict[str, str]] = {
                              _HVP: "Hessian-vector product is required"},
     "bounds_dropped": {"methods::test_bounds_honoured[L-BFGS-B]": "were not handed to scipy"},
     # state and caching
-    "memo_by_identity": {"objective::test_memo_is_keyed_on_a_copy_of_x": "the array's old values"},
-    "memo_approximate": {"objective::test_memo_is_keyed_on_a_copy_of_x": "nearby points"},
+    "memo_by_identity": {"objective::test_memo_is_keyed_on_the_whole_x": "the array's old values"},
+    "memo_approximate": {"objective::test_memo_is_keyed_on_the_whole_x": "np.allclose"},
     "stale_data_across_fits": {"objective::test_second_fit_sees_its_own_data": "the first fit's data"},
     # where the weights end up
-    "last_evaluated_point": {"fit_contract::test_weights_equal_result_x[Nelder-Mead]":
-                             "the last point scipy evaluated"},
+    "last_evaluated_point": {"fit_contract::test_weights_equal_result_x[Nelder-Mead]": "the last point evaluated",
+                             "fit_contract::test_weights_equal_result_x[L-BFGS-B]": "the last point evaluated"},
     "written_back_only_on_success": {"fit_contract::test_weights_written_back_when_scipy_stops_early":
                                      "the start weights"},
     "nothing_kept_on_failure": {"fit_contract::test_nan_loss_keeps_the_best_finite_point": "best finite point"},
