@@ -59,9 +59,12 @@ def fitted_call(impl, observe, model, x, y=None, **kwargs) -> tuple[Any, Call]:
             c = raised[-1]
             origin = _origin(c.raised)
             who = ("scipy rejected what the implementation handed it" if origin.startswith("scipy")
-                   else f"raised in {origin}, during scipy's run")
+                   else "during scipy's run")
+            same = failure.__cause__ is c.raised
             raise AssertionError(
-                f"{c.describe()} raised {type(c.raised).__name__}: {reason(c.raised)} -- {who}. {failure}"
+                f"{c.describe()} raised {describe_exception(c.raised)} -- {who}. "
+                + ("fit let it through: the implementation could not fit this valid problem, so nothing else could "
+                   "be checked." if same else str(failure))
             ) from failure
         raise
     return history, observe.last
@@ -239,12 +242,21 @@ def location(exc: BaseException) -> str:
     frames = _frames(exc)
     if not frames:
         return ""
-    mine = [tb for tb in frames if tb.tb_frame.f_globals.get("__name__", "").split(".")[0] not in _LIBRARIES]
+    mine = [tb for tb in frames if not _library_frame(tb)]
     tb = (mine or frames)[-1]
     code = tb.tb_frame.f_code
     source = (linecache.getline(code.co_filename, tb.tb_lineno) or "").strip()
     where = f"{code.co_filename}:{tb.tb_lineno} in {code.co_name}"
     return f"{where}: `{source}`" if source else where
+
+
+def _library_frame(tb) -> bool:
+    name = tb.tb_frame.f_globals.get("__name__", "") or ""
+    if "__autograph_generated" in tb.tb_frame.f_code.co_filename:
+        return True  # TensorFlow's rewrite of a tf.function: the frame that called it names the code
+    if ".independent." in name or ".mutants." in name:
+        return False  # the suite's own implementations under test are implementation code
+    return name.split(".")[0] in _LIBRARIES
 
 
 def reason(exc: BaseException, limit: int = 700) -> str:
@@ -257,13 +269,28 @@ def reason(exc: BaseException, limit: int = 700) -> str:
         source = linecache.getline(frames[-1].tb_frame.f_code.co_filename, frames[-1].tb_lineno).strip() if frames \
             else ""
         return f"a bare assert failed: `{source}`" if source else "a bare assert failed (no message)"
-    lines = [line for line in text.splitlines() if line.strip() and not line[:1].isspace()]
-    text = " ".join(" ".join(lines or text.splitlines()).split())
+    text = " ".join(" ".join(_without_frames(text.splitlines())).split())
     text = _NUMBERS.sub("<numbers> ", text)
     if len(text) > limit:
         head = 2 * limit // 3
         text = f"{text[:head]} ... {text[-(limit - head - 5):]}"
     return text
+
+
+def _without_frames(lines: list[str]) -> list[str]:
+    """Drop stack frames (``File "...", line N, in f`` and the source lines indented under them)."""
+    kept, frame_indent = [], None
+    for line in lines:
+        indent = len(line) - len(line.lstrip())
+        if line.lstrip().startswith('File "'):
+            frame_indent = indent
+            continue
+        if frame_indent is not None and indent > frame_indent and line.strip():
+            continue  # the frame's source line
+        frame_indent = None
+        if line.strip():
+            kept.append(line)
+    return kept or lines
 
 
 def describe_exception(exc: BaseException) -> str:

@@ -287,6 +287,8 @@ def failure_message(excinfo) -> str:
     text = str(exc).strip()
     if isinstance(exc, AssertionError) and not text:
         text = excinfo.exconly()
+    elif isinstance(exc, AssertionError) and "\nassert " in text:
+        text = text.split("\nassert ", 1)[0].strip()  # pytest's rewritten-assert dump adds nothing to the message
     message = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
     return message if len(message) <= MESSAGE_LIMIT else message[: MESSAGE_LIMIT - 3] + "..."
 

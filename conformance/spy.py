@@ -72,7 +72,7 @@ class Call:
     returned_nit: int | None = None
     raised: BaseException | None = None
     counts: dict[str, int] = field(default_factory=dict)  # calls scipy made during the run
-    evaluated: list[tuple[np.ndarray, float]] = field(default_factory=list)  # (x, f) scipy saw
+    evaluated: list[tuple[np.ndarray, float]] = field(default_factory=list)  # (x, f) scipy saw (least squares: r.r)
     after_return: np.ndarray | None = None  # the point of the observer's evaluation after scipy returned
 
     # ------------------------------------------------------------ description
@@ -319,9 +319,13 @@ class _Counted:
 
     def record(self, x: Any, out: Any) -> None:
         call = self.call
-        if self.name == "fun" and call.entry != "least_squares":
+        if self.name == "fun":
             try:
-                f = out[0] if call.gradient_route == "combined" else out
+                if call.entry == "least_squares":  # the value least squares minimizes: r . r (the loss, by contract)
+                    r = np.asarray(out, dtype=np.float64).ravel()
+                    f = float(r @ r)
+                else:
+                    f = out[0] if call.gradient_route == "combined" else out
                 call.evaluated.append((np.array(x, dtype=np.float64, copy=True), float(np.asarray(f))))
             except (TypeError, ValueError, IndexError):
                 pass  # a malformed value is scipy's problem to report, not the observer's

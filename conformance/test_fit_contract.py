@@ -68,11 +68,14 @@ def test_history_has_the_counts(impl, observe, keras):
     model.compile(loss="mse")
     history, _ = fitted_call(impl, observe, model, X, y, maxiter=10, epochs=2, batch_size=8)
     h = history.history
-    missing = [k for k in COUNTS if k not in h or len(h[k]) != 2]
-    assert not missing, f"history lacks one value per epoch (2 epochs) for {missing}; it has {sorted(h)}"
-    for key in COUNTS:
+    present = [k for k in COUNTS if k in h]
+    wrong = [k for k in present if len(h[k]) != 2]
+    assert not wrong, f"history has {wrong} but not one value per epoch (2 epochs): { {k: h[k] for k in wrong} }"
+    for key in present:
         for epoch in range(2):
             _whole(h[key][epoch], f"history[{key!r}][{epoch}]")
+    if len(present) < len(COUNTS):
+        observe.warn(f"history has the counts {present} but not {[k for k in COUNTS if k not in present]}")
 
 
 def test_history_loss_and_metrics_at_the_final_weights(impl, observe, keras):
@@ -174,18 +177,23 @@ def test_counts_match_observed_calls(impl, observe, keras, method):
     model = mlp(keras)
     model.compile(loss="mse")
     history, call = fitted_call(impl, observe, model, X, y, method=method, maxiter=15)
-    counts = call.counts
-    nfev = _whole(history_value(history, "nfev"), "history['nfev']")
-    assert nfev == counts.get("fun", 0), (
-        f"{method}: history nfev = {nfev}, but scipy called fun {counts.get('fun')} times"
-    )
-    nhev = _whole(history_value(history, "nhev"), "history['nhev']")
-    observed = counts.get("hessp", 0) + counts.get("hess", 0)
-    assert nhev == observed, f"{method}: history nhev = {nhev}, but scipy called hess/hessp {observed} times"
-    if call.gradient_route == "callable":
+    counts, logged = call.counts, history.history
+    absent = [k for k in COUNTS if k not in logged]
+    if absent:  # which counts to keep is the implementation's choice; the ones it keeps must be right
+        observe.warn(f"history has no {absent}")
+    if "nfev" in logged:
+        nfev = _whole(history_value(history, "nfev"), "history['nfev']")
+        assert nfev == counts.get("fun", 0), (
+            f"{method}: history nfev = {nfev}, but scipy called fun {counts.get('fun')} times"
+        )
+    if "nhev" in logged:
+        nhev = _whole(history_value(history, "nhev"), "history['nhev']")
+        observed = counts.get("hessp", 0) + counts.get("hess", 0)
+        assert nhev == observed, f"{method}: history nhev = {nhev}, but scipy called hess/hessp {observed} times"
+    if call.gradient_route == "callable" and "njev" in logged:
         njev = _whole(history_value(history, "njev"), "history['njev']")
         assert njev == counts.get("jac", 0), f"{method}: history njev = {njev}, scipy called jac {counts.get('jac')}"
-    if call.iterations is not None:
+    if call.iterations is not None and "nit" in logged:
         nit = _whole(history_value(history, "nit"), "history['nit']")
         assert nit == call.iterations, f"{method}: history nit = {nit}, but scipy reports nit = {call.iterations}"
 
@@ -218,17 +226,20 @@ def test_interrupt_keeps_the_best_point(impl, observe, keras):
     assert call.counts.get("fun", 0) >= 8, f"scipy made {call.counts.get('fun')} objective calls; the interrupt is at 8"
     weights = trainable_vector(model)
     assert np.all(np.isfinite(weights)), "the model holds non-finite weights after an interrupted run"
-    best = _best_seen(call)
+    _best_seen(call)  # NotObserved if scipy saw no finite value
     named = {k: v for k, v in _named_points(call).items() if k != "result.x (scipy's returned point)"}
     if not probes.distinct(named):
         raise NotObserved(f"the interrupted run's last, best and start points coincide; nothing to tell apart: {named}")
-    final = keras_loss(model, X, y)
-    if final <= best * (1 + 1e-5):
+    best_x = named["the best point evaluated"]
+    if probes.points_equal(weights, best_x):
         return
+    final, best = keras_loss(model, X, y), keras_loss_at(model, best_x, X, y)
+    if final <= best * (1 + 1e-5):
+        return  # as good as the best point scipy saw (Keras's loss at both)
     raise AssertionError(
-        f"Keras's loss at the weights left after the interrupt is {final:.6g}, but the lowest loss scipy saw before it "
-        f"was {best:.6g}: the weights equal {_where(weights, named)}. An interrupted run must leave the best point "
-        "found (keep it as the run goes; restore it when the run ends by an exception).")
+        f"Keras's loss at the weights left after the interrupt is {final:.6g}, but at the best point scipy saw before "
+        f"it the loss is {best:.6g}: the weights equal {_where(weights, named)}. An interrupted run must leave the "
+        "best point found (keep it as the run goes; restore it when the run ends by an exception).")
 
 
 def test_nan_loss_keeps_the_best_finite_point(impl, observe, keras):
@@ -250,8 +261,9 @@ def test_nan_loss_keeps_the_best_finite_point(impl, observe, keras):
     final = keras_loss(model, X, y)
     best = _best_seen(call)
     assert math.isfinite(final) and final <= best * (1 + 1e-5), (
-        f"after meeting NaN losses the model is at loss {final:.6g}, but scipy saw a finite loss of {best:.6g}: "
-        "a failed run must leave the model at the best finite point evaluated"
+        f"after meeting NaN losses the model is at loss {final:.6g} (its weights equal "
+        f"{_where(weights, _named_points(call))}), but scipy saw a finite loss of {best:.6g}: a failed run must leave "
+        "the model at the best finite point evaluated"
     )
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import scipy.optimize
 
+from . import probes
 from .expect import close_scalar, fitted_call, history_value
 from .problems import (
     GRADIENT_FREE,
@@ -102,9 +103,18 @@ def test_bounds_honoured(impl, observe, keras, method):
     )
     w = trainable_vector(model)
     slack = 1e-7 * max(abs(lo), abs(hi))  # float32 weights cannot hold 0.3 or -0.2 exactly: one rounding
-    assert np.all(w >= lo - slack) and np.all(w <= hi + slack), (
-        f"{method}: final weights {w} outside [{lo}, {hi}] (beyond the weights' own rounding, {slack:.1g})"
-    )
+    if not (np.all(w >= lo - slack) and np.all(w <= hi + slack)):
+        named = {"result.x": call.final_x, "the last point evaluated": call.evaluated[-1][0] if call.evaluated
+                 else None}
+        where = probes.which_points(w, named)
+        cause = ""
+        if where == ["the last point evaluated"]:
+            cause = (f" They equal the last point scipy evaluated, not result.x: result.x was not written back, and "
+                     f"{method} may evaluate outside the bounds")
+        elif "result.x" in where:
+            cause = " They equal result.x: scipy itself ended outside the bounds it was handed"
+        raise AssertionError(f"{method}: final weights {w} outside [{lo}, {hi}] (beyond the weights' own rounding, "
+                             f"{slack:.1g}).{cause}")
 
 
 @pytest.mark.level("bounds")

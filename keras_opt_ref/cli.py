@@ -70,6 +70,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help="also run the independent implementations (other styles, one correct)")
     conf.add_argument("--check-timeout", type=float, default=None, help="seconds per check (default 300; 0: off)")
     conf.add_argument("--timeout", type=float, default=1800.0, help="seconds per implementation's whole run")
+    conf.add_argument("--levels", default=None, help="levels to check (core always): methods, curvature, bounds, "
+                      "least_squares, extras, 'all'; default: each optional level unless the implementation refuses it")
     bench_parser = sub.add_parser("bench", help="measure the ratios (floor, HVP, alternatives, Adam) and plot")
     bench_parser.add_argument("--quick", action="store_true", help="fewer rounds, 10 s of Adam, scaling to 4x only")
     bench_parser.add_argument("--out", default="reports", help="folder for bench.md, bench.json and bench.png")
@@ -81,6 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from keras_opt_ref_conformance import report
 
         extra = [] if args.check_timeout is None else ["--check-timeout", str(args.check_timeout)]
+        extra += [] if args.levels is None else ["--levels", args.levels]
         return report.main(args.impl or ["keras_opt_ref.scipy_optimizer"], args.mutants, args.out, args.fail_fast,
                            with_independent=args.independent, timeout=args.timeout, extra=extra)
     if args.command == "bench":

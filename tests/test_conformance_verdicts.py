@@ -43,6 +43,14 @@ def test_a_long_tensorflow_style_message_keeps_its_reason():
     assert "File" not in text and "<numbers>" in text and len(text) <= 700
 
 
+def test_an_autograph_error_keeps_its_indented_reason():
+    message = ("in user code:\n\n    File \"/x/float32_style.py\", line 80, in value_and_gradient  *\n"
+               "        y = tf.concat(tf.nest.flatten(targets), axis=0)\n\n"
+               "    ValueError: Dimension 0 in both shapes must be equal, but are 1 and 3.")
+    assert expect.reason(ValueError(message)) == ("in user code: ValueError: Dimension 0 in both shapes must be equal, "
+                                                  "but are 1 and 3.")
+
+
 def test_the_place_is_the_implementations_frame_not_scipys():
     def fun(x):
         raise RuntimeError("boom in the objective")
