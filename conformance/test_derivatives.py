@@ -71,7 +71,7 @@ def test_gradient_matches_finite_differences(impl, observe, keras, float64, step
     g = np.asarray(call.gradient(w), dtype=np.float64)
     close_vector(
         g,
-        central_gradient(call.value, w, steps.h),
+        central_gradient(call.value, w, steps.h, steps.order),
         rtol=steps.rtol,
         atol=steps.atol,
         what="the gradient handed to scipy",
@@ -215,7 +215,7 @@ def test_embedding_gradient_with_repeated_indices(impl, observe, keras, float64,
                         "the gradient")
     close_vector(
         call.gradient(w),
-        central_gradient(call.value, w, steps.h),
+        central_gradient(call.value, w, steps.h, steps.order),
         rtol=steps.rtol,
         atol=steps.atol,
         what="the gradient of an Embedding model (every id repeats)",

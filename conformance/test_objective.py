@@ -215,8 +215,9 @@ def test_repeatable(impl, observe, keras):
     )
 
 
-def test_second_fit_sees_its_own_data(impl, observe, keras):
-    """State carried across fits: the second fit's objective is the second data set's loss."""
+def test_second_fit_sees_its_own_data(impl, observe, keras, float64):
+    """State carried across fits: the second fit's objective is the second data set's loss, from its first call
+    on (a float64 model, so that the second run starts exactly where the first one ended)."""
     X1, y1 = regression(n=50, seed=0)
     X2, y2 = regression(n=50, seed=11)
     model = mlp(keras)

@@ -97,9 +97,11 @@ DIAGNOSES: dict[str, dict[str, str]] = {
     "memo_style": {
         "objective::test_memo_is_keyed_on_the_whole_x": "keyed on a cheap summary of x",
         "derivatives::test_hvp_memo_is_keyed_on_the_whole_x": "keyed on a cheap summary of x",
+        "methods::test_nonneg_constraint_honoured": "not enforced",  # (found by the suite)
     },
     "cached_style": {
         "objective::test_second_fit_sees_its_own_data": "the loss on the first fit's data",
         "fit_contract::test_every_epoch_runs_on_its_whole_data[steps_per_epoch]": "one optimization per epoch",
+        "methods::test_nonneg_constraint_honoured": "not enforced",  # (found by the suite)
     },
 }
