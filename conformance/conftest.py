@@ -7,8 +7,6 @@ import os
 
 import pytest
 
-from .plugin import check_offered
-
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # KERAS_OPT_STRATEGY=mirrored: every check runs inside a tf.distribute.MirroredStrategy's scope over
 # two logical CPU devices (configured here, before TensorFlow initializes its devices), so the
@@ -26,7 +24,7 @@ if STRATEGY:
 @pytest.fixture(autouse=True)
 def _fresh_keras(keras, request):
     with _strategy_scope():
-        check_offered(request)  # LIMIT if not offered; its probe fit (once per level) comes before the seed
+        request.getfixturevalue("offered")  # LIMIT if not offered; its probe fit (once per level) before the seed
         keras.utils.set_random_seed(7)
         yield
     keras.backend.clear_session()

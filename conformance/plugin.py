@@ -3,6 +3,7 @@ xfails, record every outcome with its whole message, and summarize the failures 
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import importlib
 import importlib.metadata
@@ -163,11 +164,17 @@ def _method_of(item) -> str | None:
     return marker.kwargs.get("method") if marker is not None else None
 
 
-def check_offered(request) -> None:
-    """A check whose level or method the implementation does not offer ends LIMIT, before it runs
-    (called by the suite's per-check fixture, before the check's random seed is set)."""
+@pytest.fixture
+def offered(request) -> None:
+    """A check whose level or method the implementation does not offer ends LIMIT, before it runs (requested
+    by the suite's per-check fixture inside any strategy scope and before the check's random seed is set;
+    a fixture, so that the suite's conftest uses this module's state whatever name it was imported under)."""
     item = request.node
-    offer = request.getfixturevalue("offers").of(level_of(item), _method_of(item))
+    if _hung_too_often():
+        return  # the check fails at once in its call; no more probe fits
+    offers = request.getfixturevalue("offers")
+    with _time_limit(item, "probe of what the implementation offers"):
+        offer = offers.of(level_of(item), _method_of(item))
     if not offer.offered:
         verdict.limit(offer.why)
 
@@ -224,14 +231,13 @@ def _stacks(frame) -> str:
     return f"main thread, most recent call first:\n{text}\nall threads (faulthandler):\n{threads}"
 
 
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_call(item):
+@contextlib.contextmanager
+def _time_limit(item, what: str = "check"):
+    """The check's time limit around a block (its call, or the probe fit its setup makes); a block that
+    passes it raises CheckTimeout with the implementation's stack, and the check is counted as hung."""
     limit = check_timeout(item.config)
     usable = limit > 0 and _in_suite(item) and hasattr(signal, "setitimer")
     usable = usable and threading.current_thread() is threading.main_thread()
-    if usable and len(_HUNG) >= MAX_HANGS:
-        pytest.fail(f"not run: the implementation already hung in {len(_HUNG)} checks ({', '.join(_HUNG)})",
-                    pytrace=False)
     if not usable:
         yield
         return
@@ -240,8 +246,8 @@ def pytest_runtest_call(item):
         # Re-armed every 5 s in case the implementation swallows the first one.
         signal.setitimer(signal.ITIMER_REAL, 5.0)
         raise CheckTimeout(
-            f"no result in {limit:g} s (--check-timeout): the implementation hung or is far too slow. "
-            f"Its stack at that moment:\n{_stacks(frame)}"
+            f"no result in {limit:g} s (--check-timeout) during the {what}: the implementation hung or is far too "
+            f"slow. Its stack at that moment:\n{_stacks(frame)}"
         )
 
     previous = signal.signal(signal.SIGALRM, on_alarm)
@@ -250,13 +256,29 @@ def pytest_runtest_call(item):
     # thread's stack to stderr and end the process (keras-opt-ref conformance reports the check).
     faulthandler.dump_traceback_later(limit + 120, exit=True, file=sys.stderr)
     try:
-        outcome = yield
+        yield
+    except CheckTimeout:
+        _HUNG.append(check_id(item))
+        raise
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
         faulthandler.cancel_dump_traceback_later()
+
+
+def _hung_too_often() -> bool:
+    return len(_HUNG) >= MAX_HANGS
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    if _in_suite(item) and check_timeout(item.config) > 0 and _hung_too_often():
+        pytest.fail(f"not run: the implementation already hung in {len(_HUNG)} checks ({', '.join(_HUNG)})",
+                    pytrace=False)
+    with _time_limit(item):
+        outcome = yield
     excinfo = getattr(outcome, "excinfo", None)
-    if excinfo is not None and excinfo[0] is CheckTimeout:
+    if excinfo is not None and excinfo[0] is CheckTimeout and check_id(item) not in _HUNG:
         _HUNG.append(check_id(item))
 
 

@@ -310,7 +310,7 @@ class _Counted:
             # would be), so that the last point evaluated, the best point and the start are three points.
             best = min(call.evaluated, key=lambda e: e[1] if np.isfinite(e[1]) else np.inf)[0] if call.evaluated \
                 else np.asarray(args[0], dtype=np.float64)
-            worse = best + 0.5 * np.random.default_rng(77).normal(size=best.size)
+            worse = best + 2.0 * np.random.default_rng(77).normal(size=best.size)  # far: worse than the best
             self.record(worse, self.fn(np.array(worse), *args[1:], **kwargs))
             raise KeyboardInterrupt(f"injected by the conformance suite at scipy's fun call {call.counts['fun']}")
         out = self.fn(*args, **kwargs)
@@ -392,7 +392,7 @@ class Observer:
                 raise
             call.record_result(result)
             if self.evaluate_after_return and call.returned_x is not None and call.entry != "least_squares":
-                x = call.returned_x + 0.5 * np.random.default_rng(78).normal(size=call.returned_x.size)
+                x = call.returned_x + 2.0 * np.random.default_rng(78).normal(size=call.returned_x.size)
                 call.after_return = x
                 out = call.fun(np.array(x), *call.args)
                 f = out[0] if call.gradient_route == "combined" else out

@@ -8,7 +8,7 @@ HANGS = f"{report.MUTANT_PACKAGE}.hangs"
 CHECKS = [
     "objective::test_repeatable",
     "objective::test_sample_weights",
-    "derivatives::test_gradient_matches_finite_differences",
+    "derivatives::test_gradient_matches_finite_differences[mlp]",
     "methods::test_nonneg_constraint_honoured",
     "fit_contract::test_weights_written_back_when_scipy_stops_early",
 ]
@@ -18,9 +18,10 @@ def test_a_hung_check_fails_with_the_stack_and_the_run_goes_on():
     run = report.run_suite(HANGS, ["--check-timeout", "2"], checks=CHECKS)
     outcomes = [run["tests"][c] for c in CHECKS]
     assert all(o["outcome"] == "fail" for o in outcomes), outcomes
-    hung, skipped = outcomes[: plugin.MAX_HANGS], outcomes[plugin.MAX_HANGS :]
-    for o in hung:
-        assert o["message"].startswith("CheckTimeout: no result in 2 s"), o["message"][:300]
+    hung = [o for o in outcomes if o["message"].startswith("CheckTimeout: no result in 2 s")]
+    skipped = [o for o in outcomes if o not in hung]
+    assert len(hung) == plugin.MAX_HANGS, [o["message"][:200] for o in outcomes]
+    for o in hung:  # a check's call, or the probe fit its setup makes (what the implementation offers)
         assert "hangs.py" in o["message"] and "wait_forever" in o["message"], "the stack names where it hung"
     for o in skipped:
         assert "not run: the implementation already hung in 3 checks" in o["message"], o["message"][:300]

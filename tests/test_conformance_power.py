@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pytest
 from keras_opt_ref_conformance import report
-from keras_opt_ref_conformance.independent import CORRECT, DIAGNOSES, IMPLEMENTATIONS, NOT_OFFERED, WARNED
+from keras_opt_ref_conformance.independent import CLEARED, CORRECT, DIAGNOSES, IMPLEMENTATIONS, NOT_OFFERED, WARNED
 from keras_opt_ref_conformance.mutants import EVERY_CHECK, MUTANTS, NEEDS_FLOAT64_ARITHMETIC, TENSORFLOW_ONLY
 from keras_opt_ref_conformance.truth import working_precision
 
@@ -92,3 +92,6 @@ def test_independent_implementation(name):
             assert outcome["outcome"] == "warn" and words in outcome["message"], (name, check, outcome)
     else:
         _assert_diagnosed(name, run, DIAGNOSES[name])
+        for check in CLEARED.get(name, ()):
+            outcome = run["tests"][check]
+            assert outcome["outcome"] == "pass", f"{name}: {check} accuses it of something else: {outcome}"

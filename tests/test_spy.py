@@ -163,5 +163,19 @@ def test_interrupt_injection_and_restoring_scipy():
         observe.interrupt_at = 3
         with pytest.raises(KeyboardInterrupt):
             scipy.optimize.minimize(fg, X0, args=(A,), jac=True, method="L-BFGS-B")
-    assert observe.last.counts["fun"] == 3 and len(observe.last.evaluated) == 2
+    # before the interrupt the suite evaluates once more, far from the best point (worse): the last point
+    # evaluated, the best point and the start are then three points
+    seen = observe.last.evaluated
+    assert observe.last.counts["fun"] == 3 and len(seen) == 3 and seen[-1][1] > max(f for _, f in seen[:-1])
     assert scipy.optimize.minimize is real and imported_by_name is scipy.optimize.fmin_l_bfgs_b
+
+
+def test_an_evaluation_after_scipy_returns_is_far_from_its_x():
+    """``evaluate_after_return``: one more evaluation, worse than scipy's x, before the caller sees the result."""
+    with Observer("tests") as observe:
+        observe.evaluate_after_return = True
+        result = scipy.optimize.minimize(fg, X0, args=(A,), jac=True, method="L-BFGS-B")
+    call = observe.last
+    assert call.after_return is not None and np.array_equal(call.evaluated[-1][0], call.after_return)
+    assert call.evaluated[-1][1] > result.fun and np.array_equal(call.final_x, result.x)
+    assert call.counts["fun"] == result.nfev  # scipy's own count: the extra evaluation is not scipy's

@@ -35,7 +35,7 @@ MUTANTS: dict[str, dict[str, str]] = {
         "derivatives::test_embedding_gradient_with_repeated_indices[embedding]": "IndexedSlices"},
     "hvp_sign_error": {_HVP: "wrong sign"},
     "hvp_scale_error": {_HVP: "wrong scale"},
-    "wrong_unpack_order": {"objective::test_x0_is_the_trainable_weights": "layout"},
+    "wrong_unpack_order": {"objective::test_x0_is_the_trainable_weights[mlp]": "layout"},
     "non_trainable_included": {"fit_contract::test_non_trainable_weights_untouched": "not trainable"},
     "hessian_never_passed": {"methods::test_method_runs_with_its_derivatives[trust-ncg]": "scipy rejected",
                              _HVP: "Hessian-vector product is required"},
