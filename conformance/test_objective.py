@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from . import probes
-from .expect import Refusal, close_scalar, close_vector, fit, fitted_call, reason
+from .expect import Refusal, close_scalar, close_vector, fit, fit_ok, fitted_call, reason
 from .problems import (
     add_loss_model,
     classification,
@@ -300,6 +300,7 @@ def test_stochastic_layer_in_inference_mode(impl, observe, keras):
     """A Dropout layer: refusing it is allowed (a choice); accepting it, the objective must be deterministic and
     equal Keras's inference-mode loss (Dropout is the identity when training=False)."""
     X, y = regression(n=50)
+    fit_ok(impl, dropout_model(keras, rate=0.0), X, y, batch_size=16)  # the positive control: an inactive Dropout
     model = dropout_model(keras)
     before = len(observe.calls)
     try:
