@@ -50,7 +50,7 @@ def level_verdict(mine: dict[str, dict[str, str]]) -> str:
         return f"LIMIT (not offered: {why})"
     if not ran:
         return f"no check ran ({', '.join(sorted(set(states)))})"
-    text = f"PASS ({ran} checks"
+    text = f"PASS ({ran} check{'' if ran == 1 else 's'}"
     if warned:
         text += f", {warned} WARN"
     if limited:
