@@ -23,8 +23,14 @@ if STRATEGY:
 
 @pytest.fixture(autouse=True)
 def _fresh_keras(keras, request):
+    offers = request.getfixturevalue("offers")
+    try:
+        with _strategy_scope():
+            request.getfixturevalue("offered")  # LIMIT if not offered; a probe fit (once per level) first
+    finally:
+        if offers.probed:  # also when the check ends LIMIT here
+            keras.backend.clear_session()  # outside the strategy scope: clearing inside it loses the scope's state
     with _strategy_scope():
-        request.getfixturevalue("offered")  # LIMIT if not offered; its probe fit (once per level) before the seed
         keras.utils.set_random_seed(7)
         yield
     keras.backend.clear_session()

@@ -78,6 +78,7 @@ class Offers:
     def __init__(self, impl, keras, observer_class, selected: tuple[str, ...] | None) -> None:
         self.impl, self.keras, self.observer_class, self.selected = impl, keras, observer_class, selected
         self._cache: dict[str, Offer] = {}
+        self.probed = False  # whether a probe fit ran since the caller last reset it
 
     def of(self, level: str, method: str | None) -> Offer:
         """Whether a check of ``level`` (parametrized by ``method``, if any) can run."""
@@ -98,11 +99,8 @@ class Offers:
         return self._cache[key]
 
     def _ask(self, key: str) -> Offer:
-        try:
-            return self._fit_probe(key)
-        finally:
-            # Keras caches global state on first use (the dtype policy from floatx): leave none behind for the check.
-            self.keras.backend.clear_session()
+        self.probed = True  # the caller clears Keras's session before the check (outside any strategy scope)
+        return self._fit_probe(key)
 
     def _fit_probe(self, key: str) -> Offer:
         kind, name = key.split(":", 1)

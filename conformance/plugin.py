@@ -168,11 +168,14 @@ def _method_of(item) -> str | None:
 def offered(request) -> None:
     """A check whose level or method the implementation does not offer ends LIMIT, before it runs (requested
     by the suite's per-check fixture inside any strategy scope and before the check's random seed is set;
-    a fixture, so that the suite's conftest uses this module's state whatever name it was imported under)."""
+    a fixture, so that the suite's conftest uses this module's state whatever name it was imported under).
+    After a probe fit (``offers.probed``) the caller clears Keras's session: Keras caches global state on
+    first use (the dtype policy from floatx) that the check must not inherit."""
     item = request.node
+    offers = request.getfixturevalue("offers")
+    offers.probed = False
     if _hung_too_often():
         return  # the check fails at once in its call; no more probe fits
-    offers = request.getfixturevalue("offers")
     with _time_limit(item, "probe of what the implementation offers"):
         offer = offers.of(level_of(item), _method_of(item))
     if not offer.offered:
