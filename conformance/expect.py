@@ -244,10 +244,13 @@ def location(exc: BaseException) -> str:
         return ""
     mine = [tb for tb in frames if not _library_frame(tb)]
     tb = (mine or frames)[-1]
-    code = tb.tb_frame.f_code
-    source = (linecache.getline(code.co_filename, tb.tb_lineno) or "").strip()
+    code, source = tb.tb_frame.f_code, _source(tb)
     where = f"{code.co_filename}:{tb.tb_lineno} in {code.co_name}"
     return f"{where}: `{source}`" if source else where
+
+
+def _source(tb) -> str:
+    return (linecache.getline(tb.tb_frame.f_code.co_filename, tb.tb_lineno) or "").strip()
 
 
 def _library_frame(tb) -> bool:
@@ -266,8 +269,7 @@ def reason(exc: BaseException, limit: int = 700) -> str:
     text = str(exc)
     if not text.strip() and isinstance(exc, AssertionError):
         frames = _frames(exc)
-        source = linecache.getline(frames[-1].tb_frame.f_code.co_filename, frames[-1].tb_lineno).strip() if frames \
-            else ""
+        source = _source(frames[-1]) if frames else ""
         return f"a bare assert failed: `{source}`" if source else "a bare assert failed (no message)"
     text = " ".join(" ".join(_without_frames(text.splitlines())).split())
     text = _NUMBERS.sub("<numbers> ", text)

@@ -99,11 +99,10 @@ class Offers:
         return self._cache[key]
 
     def _ask(self, key: str) -> Offer:
-        self.probed = True  # the caller clears Keras's session before the check (outside any strategy scope)
-        return self._fit_probe(key)
-
-    def _fit_probe(self, key: str) -> Offer:
         kind, name = key.split(":", 1)
+        if kind == "level" and name in ("methods", "curvature", "least_squares"):
+            return Offer(True)  # decided per method
+        self.probed = True  # the caller clears Keras's session before the check (outside any strategy scope)
         keras = self.keras
         rng = np.random.default_rng(0)
         X = rng.normal(size=(24, 2))
@@ -115,8 +114,6 @@ class Offers:
             method = name
         elif name == "bounds":
             extra = {"bounds": (-5.0, 5.0)}
-        elif name in ("methods", "curvature", "least_squares"):
-            return Offer(True)  # decided per method
         what = f"method={method!r}" + (", bounds=(-5, 5)" if extra else "")
         with self.observer_class(self.impl.__name__) as observer:
             try:

@@ -126,6 +126,31 @@ def collisions(x: np.ndarray, seed: int = 0) -> list[tuple[str, np.ndarray, np.n
     return [(label, a, b) for label, a, b in pairs if not np.array_equal(a, b)]
 
 
+def check_collisions(call, sequences, what: str, p=None) -> None:
+    """For each pair of colliding points (a, b) and each (first, second) kind: first(a), then second(b) must be
+    the implementation's own fresh second(b); if it is second(a), the cheap key is named."""
+    for label, a, b in collisions(call.x0):
+        for first, second in sequences:
+            want, stale = fresh(call, second, b, p), fresh(call, second, a, p, seed=1)
+            if same(want, stale, rtol=1e-12):
+                continue  # this pair is too close for this implementation to tell apart: no verdict from it
+            evaluate(call, first, a, p)
+            got = evaluate(call, second, b, p)
+            if same(got, want):
+                continue
+            names = {"f": "f", "g": "the gradient", "hvp": "the Hessian-vector product"}
+            if same(got, stale):
+                cause = (f"it is {names[second]} at the previous point a: a memo (or a skipped weight assignment) is "
+                         f"keyed on a cheap summary of x that these points share ({label}); compare the whole x "
+                         "exactly (a copy of it)")
+            else:
+                cause = "it matches neither point (state from an earlier call leaked into it)"
+            raise AssertionError(
+                f"{names[first]}(a) then {names[second]}(b), with b = a changed to {label}: {names[second]}(b) "
+                f"differs from the implementation's own {names[second]}(b) taken fresh (max difference "
+                f"{float(np.max(np.abs(np.asarray(got) - want))):.3g}): {cause}. ({what} probed at colliding points)")
+
+
 # ------------------------------------------------------------------ where the weights are
 def points_equal(w: np.ndarray, x: np.ndarray | None) -> bool:
     """The model's weights hold x (up to rounding x to the variables' float32/float64 dtype)."""
@@ -143,3 +168,20 @@ def distinct(named: dict[str, np.ndarray | None]) -> bool:
     """Whether the named points are pairwise different (so that the weights can say which one they are)."""
     points = [x for x in named.values() if x is not None]
     return all(not points_equal(a, b) for k, a in enumerate(points) for b in points[k + 1 :])
+
+
+def named_points(call: Any) -> dict[str, np.ndarray | None]:
+    """The points the weights may be at after a run: scipy's result.x, the best and last points evaluated, x0."""
+    finite = [(x, f) for x, f in call.evaluated if np.isfinite(f)]
+    return {
+        "result.x (scipy's returned point)": call.final_x,
+        "the best point evaluated": min(finite, key=lambda e: e[1])[0] if finite else None,
+        "the last point evaluated": call.evaluated[-1][0] if call.evaluated else None,
+        "the start weights": call.x0,
+    }
+
+
+def where(w: np.ndarray, named: dict[str, np.ndarray | None]) -> str:
+    """Which of the named points ``w`` equals, in words."""
+    found = which_points(w, named)
+    return " and ".join(found) if found else f"none of: {', '.join(k for k, v in named.items() if v is not None)}"

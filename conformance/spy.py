@@ -75,6 +75,18 @@ class Call:
     evaluated: list[tuple[np.ndarray, float]] = field(default_factory=list)  # (x, f) scipy saw (least squares: r.r)
     after_return: np.ndarray | None = None  # the point of the observer's evaluation after scipy returned
 
+    def record(self, x: Any, out: Any) -> None:
+        """Keep (x, f) of one objective evaluation (least squares: f = r . r, the loss by contract)."""
+        try:
+            if self.entry == "least_squares":
+                r = np.asarray(out, dtype=np.float64).ravel()
+                f = float(r @ r)
+            else:
+                f = out[0] if self.gradient_route == "combined" else out
+            self.evaluated.append((np.array(x, dtype=np.float64, copy=True), float(np.asarray(f))))
+        except (TypeError, ValueError, IndexError):
+            pass  # a malformed value is scipy's problem to report, not the observer's
+
     # ------------------------------------------------------------ description
     def describe(self) -> str:
         parts = [f"method={self.method!r}"]
@@ -318,17 +330,8 @@ class _Counted:
         return out
 
     def record(self, x: Any, out: Any) -> None:
-        call = self.call
         if self.name == "fun":
-            try:
-                if call.entry == "least_squares":  # the value least squares minimizes: r . r (the loss, by contract)
-                    r = np.asarray(out, dtype=np.float64).ravel()
-                    f = float(r @ r)
-                else:
-                    f = out[0] if call.gradient_route == "combined" else out
-                call.evaluated.append((np.array(x, dtype=np.float64, copy=True), float(np.asarray(f))))
-            except (TypeError, ValueError, IndexError):
-                pass  # a malformed value is scipy's problem to report, not the observer's
+            self.call.record(x, out)
 
 
 class Observer:
@@ -394,9 +397,7 @@ class Observer:
             if self.evaluate_after_return and call.returned_x is not None and call.entry != "least_squares":
                 x = call.returned_x + 2.0 * np.random.default_rng(78).normal(size=call.returned_x.size)
                 call.after_return = x
-                out = call.fun(np.array(x), *call.args)
-                f = out[0] if call.gradient_route == "combined" else out
-                call.evaluated.append((np.array(x, dtype=np.float64), float(np.asarray(f))))
+                call.record(x, call.fun(np.array(x), *call.args))
             return result
 
         observed.__wrapped_by_conformance__ = True

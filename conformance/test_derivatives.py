@@ -31,7 +31,6 @@ from .problems import (
     mlp,
     regression,
 )
-from .test_objective import check_collisions
 from .truth import central_gradient, central_jacobian, directional, keras_loss_at
 
 FD = "float64 central finite differences of scipy's own f"
@@ -205,7 +204,7 @@ def test_hvp_memo_is_keyed_on_the_whole_x(impl, observe, keras, float64):
     """Products after f, the gradient or another product at a point that a cheap key confuses with theirs."""
     call, _ = _mlp_call(impl, observe, keras, "trust-ncg")
     p = np.random.default_rng(6).normal(size=call.x0.size)
-    check_collisions(call, [("f", "hvp"), ("g", "hvp"), ("hvp", "hvp")], "Hessian-vector products", p=p)
+    probes.check_collisions(call, [("f", "hvp"), ("g", "hvp"), ("hvp", "hvp")], "Hessian-vector products", p=p)
 
 
 @pytest.mark.parametrize("with_dense", [False, True], ids=["embedding", "embedding+dense"])

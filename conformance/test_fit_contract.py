@@ -104,21 +104,6 @@ def _metrics_at(model, w, X, y):
         return model.evaluate(X, y, batch_size=len(X), verbose=0, return_dict=True)
 
 
-def _named_points(call) -> dict:
-    finite = [(x, f) for x, f in call.evaluated if math.isfinite(f)]
-    return {
-        "result.x (scipy's returned point)": call.final_x,
-        "the best point evaluated": min(finite, key=lambda e: e[1])[0] if finite else None,
-        "the last point evaluated": call.evaluated[-1][0] if call.evaluated else None,
-        "the start weights": call.x0,
-    }
-
-
-def _where(weights, named) -> str:
-    found = probes.which_points(weights, named)
-    return " and ".join(found) if found else f"none of: {', '.join(k for k, v in named.items() if v is not None)}"
-
-
 def _written_back(impl, observe, keras, method, maxiter, how):
     """fit, with one more evaluation (at a worse point) after scipy returns: the weights must be result.x (or a
     point scipy evaluated with a lower loss), not the last point evaluated, not the start."""
@@ -129,7 +114,7 @@ def _written_back(impl, observe, keras, method, maxiter, how):
     _, call = fitted_call(impl, observe, model, X, y, method=method, maxiter=maxiter)
     if call.final_x is None:
         raise NotObserved(f"{method}: scipy returned nothing the suite could read ({call.describe()})")
-    named = _named_points(call)
+    named = probes.named_points(call)
     weights = trainable_vector(model)
     if probes.points_equal(weights, call.final_x):
         return
@@ -137,7 +122,7 @@ def _written_back(impl, observe, keras, method, maxiter, how):
     if probes.points_equal(weights, best) and keras_loss(model, X, y) <= keras_loss_at(model, call.final_x, X, y):
         return  # a point scipy evaluated with a lower loss than its own x: keeping it is allowed
     raise AssertionError(
-        f"{method} ({how}): the model's weights after fit equal {_where(weights, named)}, not scipy's result.x "
+        f"{method} ({how}): the model's weights after fit equal {probes.where(weights, named)}, not scipy's result.x "
         f"(max |weights - result.x| = {np.max(np.abs(weights - call.final_x)):.3g}). The last point evaluated is one "
         "the suite evaluated after scipy returned, as scipy's methods may, so it is neither result.x nor the best: "
         "fit must write result.x back into the model, whatever point was evaluated last.")
@@ -227,7 +212,7 @@ def test_interrupt_keeps_the_best_point(impl, observe, keras):
     weights = trainable_vector(model)
     assert np.all(np.isfinite(weights)), "the model holds non-finite weights after an interrupted run"
     _best_seen(call)  # NotObserved if scipy saw no finite value
-    named = {k: v for k, v in _named_points(call).items() if k != "result.x (scipy's returned point)"}
+    named = {k: v for k, v in probes.named_points(call).items() if k != "result.x (scipy's returned point)"}
     if not probes.distinct(named):
         raise NotObserved(f"the interrupted run's last, best and start points coincide; nothing to tell apart: {named}")
     best_x = named["the best point evaluated"]
@@ -238,8 +223,8 @@ def test_interrupt_keeps_the_best_point(impl, observe, keras):
         return  # as good as the best point scipy saw (Keras's loss at both)
     raise AssertionError(
         f"Keras's loss at the weights left after the interrupt is {final:.6g}, but at the best point scipy saw before "
-        f"it the loss is {best:.6g}: the weights equal {_where(weights, named)}. An interrupted run must leave the "
-        "best point found (keep it as the run goes; restore it when the run ends by an exception).")
+        f"it the loss is {best:.6g}: the weights equal {probes.where(weights, named)}. An interrupted run must leave "
+        "the best point found (keep it as the run goes; restore it when the run ends by an exception).")
 
 
 def test_nan_loss_keeps_the_best_finite_point(impl, observe, keras):
@@ -262,8 +247,8 @@ def test_nan_loss_keeps_the_best_finite_point(impl, observe, keras):
     best = _best_seen(call)
     assert math.isfinite(final) and final <= best * (1 + 1e-5), (
         f"after meeting NaN losses the model is at loss {final:.6g} (its weights equal "
-        f"{_where(weights, _named_points(call))}), but scipy saw a finite loss of {best:.6g}: a failed run must leave "
-        "the model at the best finite point evaluated"
+        f"{probes.where(weights, probes.named_points(call))}), but scipy saw a finite loss of {best:.6g}: a failed run "
+        "must leave the model at the best finite point evaluated"
     )
 
 
@@ -314,6 +299,6 @@ def test_x0_is_read_from_the_model_at_every_fit(impl, observe, keras):
     x0 = observe.calls[-1].x0
     if not probes.points_equal(x0, expected):
         first = observe.calls[0]
-        where = _where(x0, {"the first run's result.x": first.final_x, "the first run's start": first.x0})
+        where = probes.where(x0, {"the first run's result.x": first.final_x, "the first run's start": first.x0})
         raise AssertionError(f"the second fit's x0 is not the weights the user set before it (model.set_weights): it "
                              f"equals {where}. x0 must be read from the model at the start of every run.")

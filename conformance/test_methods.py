@@ -104,14 +104,14 @@ def test_bounds_honoured(impl, observe, keras, method):
     w = trainable_vector(model)
     slack = 1e-7 * max(abs(lo), abs(hi))  # float32 weights cannot hold 0.3 or -0.2 exactly: one rounding
     if not (np.all(w >= lo - slack) and np.all(w <= hi + slack)):
-        named = {"result.x": call.final_x, "the last point evaluated": call.evaluated[-1][0] if call.evaluated
-                 else None}
-        where = probes.which_points(w, named)
+        named = probes.named_points(call)
+        where = probes.which_points(w, {k: named[k] for k in ("result.x (scipy's returned point)",
+                                                              "the last point evaluated")})
         cause = ""
         if where == ["the last point evaluated"]:
             cause = (f" They equal the last point scipy evaluated, not result.x: result.x was not written back, and "
                      f"{method} may evaluate outside the bounds")
-        elif "result.x" in where:
+        elif "result.x (scipy's returned point)" in where:
             cause = " They equal result.x: scipy itself ended outside the bounds it was handed"
         raise AssertionError(f"{method}: final weights {w} outside [{lo}, {hi}] (beyond the weights' own rounding, "
                              f"{slack:.1g}).{cause}")

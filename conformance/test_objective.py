@@ -268,32 +268,7 @@ def test_memo_is_keyed_on_the_whole_x(impl, observe, keras, float64):
         raise AssertionError(f"f(x) after x was changed in place = {float(got)!r}, but the implementation's own "
                              f"f at the new values = {float(truth2)!r}: {cause}")
     kinds = ("f", "g") if call.gradient_route is not None else ("f",)
-    check_collisions(call, [(a, b) for a in kinds for b in kinds], "f and the gradient")
-
-
-def check_collisions(call, sequences, what: str, p=None) -> None:
-    """For each pair of colliding points (a, b) and each (first, second) kind: first(a), then second(b) must be
-    the implementation's own fresh second(b); if it is second(a), the cheap key is named."""
-    for label, a, b in probes.collisions(call.x0):
-        for first, second in sequences:
-            want, stale = probes.fresh(call, second, b, p), probes.fresh(call, second, a, p, seed=1)
-            if probes.same(want, stale, rtol=1e-12):
-                continue  # this pair is too close for this implementation to tell apart: no verdict from it
-            probes.evaluate(call, first, a, p)
-            got = probes.evaluate(call, second, b, p)
-            if probes.same(got, want):
-                continue
-            names = {"f": "f", "g": "the gradient", "hvp": "the Hessian-vector product"}
-            if probes.same(got, stale):
-                cause = (f"it is {names[second]} at the previous point a: a memo (or a skipped weight assignment) is "
-                         f"keyed on a cheap summary of x that these points share ({label}); compare the whole x "
-                         "exactly (a copy of it)")
-            else:
-                cause = "it matches neither point (state from an earlier call leaked into it)"
-            raise AssertionError(
-                f"{names[first]}(a) then {names[second]}(b), with b = a changed to {label}: {names[second]}(b) "
-                f"differs from the implementation's own {names[second]}(b) taken fresh (max difference "
-                f"{float(np.max(np.abs(np.asarray(got) - want))):.3g}): {cause}. ({what} probed at colliding points)")
+    probes.check_collisions(call, [(a, b) for a in kinds for b in kinds], "f and the gradient")
 
 
 def test_stochastic_layer_in_inference_mode(impl, observe, keras):
