@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 from keras_opt_ref_conformance import plugin, report
+
+# About 40 s of suite subprocesses: in the slow tier (tox -e slow), which keeps the default run under 15 min.
+pytestmark = pytest.mark.slow
 
 HANGS = f"{report.MUTANT_PACKAGE}.hangs"
 CHECKS = [

@@ -9,6 +9,8 @@ from tests/conftest.py.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -191,3 +193,16 @@ def test_a_failed_worker_ends_the_run_with_a_clear_error_and_the_best_point(kera
     assert chief["error"] == "WorkerFailedError" and chief["chief"]
     assert "failed or stopped answering" in chief["message"] and "restart every worker" in chief["message"]
     assert chief["left_at_best"] and chief["moved_from_start"] and np.isfinite(chief["best_value"])
+
+
+@pytest.mark.slow
+def test_only_the_chief_writes_the_callbacks_files_and_every_worker_stops_alike(keras, tmp_path):
+    """Both workers are given a CSVLogger, a ModelCheckpoint and a stop rule, as one script gives them to
+    every machine: only worker 0 writes, and both stop at the same iteration on the same point."""
+    from keras_opt_ref.bench import cluster
+
+    two = cluster.launch("regression", 2, mode=_mode(keras), callbacks_dir=str(tmp_path), stop_at=2, maxiter=50)
+    assert sorted(os.listdir(tmp_path)) == ["worker0.csv", "worker0.weights.h5", "worker0.weights.h5.run.json"]
+    assert [w["nit"] for w in two] == [2, 2] and two[0]["x"] == two[1]["x"]
+    with open(tmp_path / "worker0.csv") as f:
+        assert len(f.read().splitlines()) == 1 + 2  # the header and one row per iteration

@@ -22,6 +22,8 @@ __all__ = [
     "add_loss_count",
     "batch_level_losses",
     "calling_model",
+    "calling_callbacks",
+    "calling_verbosity",
     "default_keras",
     "fit_steps_per_epoch",
     "flavour",
@@ -283,6 +285,42 @@ def calling_model(depth: int = 2) -> Any:
     except TypeError:
         return None
     return owner if hasattr(owner, "train_function") else None
+
+
+def calling_verbosity(depth: int = 2) -> int:
+    """The ``verbose`` of the ``fit`` that called the train function (``"auto"`` is 1), or 0.
+
+    Read from the same frame as :func:`calling_model`: ``fit`` holds no attribute for it, and
+    its ProgbarLogger only prints once the step returns."""
+    frame = sys._getframe(depth)
+    if frame is None or frame.f_code.co_name != "fit":
+        return 0
+    verbose = frame.f_locals.get("verbose", 0)
+    if verbose == "auto":
+        return 1
+    return verbose if isinstance(verbose, int) else 0
+
+
+def calling_callbacks(depth: int = 2) -> Any:
+    """The CallbackList of the ``fit`` that called the train function, or None (same frame as
+    :func:`calling_model`; both flavours keep it in the local ``callbacks``)."""
+    frame = sys._getframe(depth)
+    if frame is None or frame.f_code.co_name != "fit":
+        return None
+    callbacks = frame.f_locals.get("callbacks")
+    return callbacks if isinstance(getattr(callbacks, "callbacks", None), list) else None
+
+
+def on_train_end(model: Any, fit_callbacks: Any, hook: Callable[[], None]) -> None:
+    """Call ``hook()`` when the ``fit`` owning ``fit_callbacks`` (a CallbackList) ends its training:
+    a callback is appended to that list for this fit only (its ``on_train_end`` is fit's last event)."""
+    base = keras_module(model).callbacks.Callback
+
+    class _FitEnd(base):  # type: ignore[misc, valid-type]
+        def on_train_end(self, logs: Any = None) -> None:
+            hook()
+
+    fit_callbacks.callbacks.append(_FitEnd())
 
 
 def on_compile(model: Any, hook: Callable[[Any, Any], None]) -> None:

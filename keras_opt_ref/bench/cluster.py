@@ -114,7 +114,8 @@ def _worker(job: str, params: dict[str, Any]) -> dict[str, Any]:
             model.compile(loss="mse")
         method = params.get("method", "trust-ncg")
         model.train_function = scipy_optimizer.make_train_function(model, method=method, maxiter=params.get("maxiter"),
-                                                                   verbose=params.get("verbose", 0))
+                                                                   verbose=params.get("verbose", 0),
+                                                                   callbacks=_callbacks(keras, strategy, params))
         _maybe_fail(model, strategy, params)
         return _train(model, X, y, strategy, params) or _summary(model, strategy)
     data = workloads.factorization_data(*params.get("shape", (200, 100, 4000)), seed=params.get("seed", 0))
@@ -188,6 +189,27 @@ def _fit_or_run(model: Any, x: Any, y: Any, strategy: Any, params: dict[str, Any
     index, count = (strategy.cluster_resolver.task_id, strategy.num_replicas_in_sync) if strategy else (0, 1)
     shard = lambda t: t[index::count]  # noqa: E731
     model.train_function.run([shard(t) for t in x] if isinstance(x, list) else shard(x), shard(y))
+
+
+def _callbacks(keras: Any, strategy: Any, params: dict[str, Any]) -> list[Any]:
+    """With ``callbacks_dir=D`` (tests): the callbacks every worker is given, as one script gives them on
+    every machine: a CSVLogger and a ModelCheckpoint writing ``D/worker<index>...``, and a stop at the
+    end of iteration ``stop_at`` (a decision every worker must take alike)."""
+    directory = params.get("callbacks_dir")
+    if directory is None:
+        return []
+    index = strategy.cluster_resolver.task_id if strategy is not None and strategy.cluster_resolver else 0
+    stop_at = params.get("stop_at", 2)
+
+    class StopAt(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+            if epoch + 1 >= stop_at:
+                self.model.stop_training = True
+
+    return [keras.callbacks.CSVLogger(os.path.join(directory, f"worker{index}.csv")),
+            keras.callbacks.ModelCheckpoint(os.path.join(directory, f"worker{index}.weights.h5"),
+                                            save_weights_only=True),
+            StopAt()]
 
 
 def _maybe_fail(model: Any, strategy: Any, params: dict[str, Any]) -> None:

@@ -27,6 +27,7 @@ __all__ = [
     "METHODS",
     "MINIMIZE_TABLE",
     "Method",
+    "budget_key",
     "check_option",
     "resolve_method",
     "scipy_bounds",
@@ -106,6 +107,11 @@ def resolve_method(method: str) -> Method:
     return found
 
 
+def budget_key(method: Method) -> str:
+    """The option that holds ``maxiter`` for ``method``."""
+    return _MAXITER_ALIAS.get(method.name, "maxiter")
+
+
 def solver_options(method: Method, maxiter: Any, options: Mapping[str, Any]) -> dict[str, Any]:
     """The options scipy gets, each checked (:func:`check_option`). Unused ones are dropped with a
     warning naming the valid ones."""
@@ -116,7 +122,7 @@ def solver_options(method: Method, maxiter: Any, options: Mapping[str, Any]) -> 
             f"Option(s) {exact} configure finite differences; the Jacobian here is exact (autodiff). Remove them."
         )
     if maxiter is not None:
-        options[_MAXITER_ALIAS.get(method.name, "maxiter")] = check_option("maxiter", maxiter, method)
+        options[budget_key(method)] = check_option("maxiter", maxiter, method)
     unused = sorted(set(options) - method.options)
     if unused:
         warnings.warn(

@@ -21,6 +21,7 @@ from .. import backends
 from ..base import checks, keras_compat
 from ..base.objective import Objective
 from . import methods
+from .events import Events, StopRequested
 from .progress import Progress
 from .trust_ncg import SUBPROBLEMS, in_graph_trust_ncg
 
@@ -43,6 +44,33 @@ class ScipyRun:
 
     objective: Any = None
     result: scipy.optimize.OptimizeResult | None = None
+    callbacks: list[Any] = []  # Keras callbacks that see each iteration as an epoch (events.Events)
+    iterations_done = 0  # iterations of all runs so far (the callbacks' epoch numbers)
+    resumed_counts = dict.fromkeys(("nit", "nfev", "njev", "nhev"), 0)  # of the run this one resumes
+    fit_verbosity = 0  # the calling fit's verbose: 1 shows a live progress line
+
+    def open_training(self, callbacks: list[Any]) -> bool:
+        """Whether the callbacks' ``on_train_begin`` is due now (here: every run is a training)."""
+        return True
+
+    def close_training_after_run(self) -> bool:
+        """Whether the callbacks' ``on_train_end`` is due when a run ends (here: always)."""
+        return True
+
+    @property
+    def iteration_budget(self) -> int | None:
+        """The run's iteration limit as scipy is handed it (None: scipy's default)."""
+        value = self._run_options().get(methods.budget_key(self.method))
+        return int(value) if isinstance(value, (int, np.integer)) else None
+
+    def _run_options(self) -> dict[str, Any]:
+        """scipy's options for this run: a resumed run has the budget its checkpoint left."""
+        options = dict(self.options)
+        key = methods.budget_key(self.method)
+        if self.resumed_counts["nit"] and isinstance(options.get(key), (int, np.integer)):
+            done = self.resumed_counts["nfev" if key in ("maxfun", "max_nfev") else "nit"]
+            options[key] = max(int(options[key]) - done, 1)
+        return options
 
     def _objective_for(self, x: Any, y: Any, sample_weight: Any) -> Objective:
         raise NotImplementedError
@@ -63,9 +91,10 @@ class ScipyRun:
             x0 = clipped
         objective.reset_counters()
         objective.best_x, objective.best_value = None, math.inf
-        progress = Progress(self, objective)
         calls: Counter[str] = Counter()  # what scipy really asked for: the counts we report
-        kwargs: dict[str, Any] = dict(method=self.method.name, tol=self.tol, callback=progress, options=self.options)
+        progress = Progress(self, objective, Events(self, objective, calls, self._njev, self.fit_verbosity))
+        kwargs: dict[str, Any] = dict(method=self.method.name, tol=self.tol, callback=progress,
+                                      options=self._run_options())
         if self.method.jac:
             kwargs.update(fun=_counted(objective.value_and_grad, calls, "fun", "loss", "gradient"), jac=True)
         else:
@@ -92,9 +121,13 @@ class ScipyRun:
             else:
                 result = scipy.optimize.minimize(x0=x0, **kwargs)
         except NonFinite as stop:  # a controlled stop: the run ends, fit goes on
+            if progress.events is not None:
+                progress.events.non_finite(progress.iteration + 1, math.nan)
             logs = self._finish(objective, self._failed_result(x0, stop, calls, progress), x0, bounds, calls, progress)
             warnings.warn(self.result.message, RuntimeWarning, stacklevel=2)
             return logs
+        except StopRequested as stop:  # a callback set model.stop_training: the user's wish, no warning
+            return self._finish(objective, self._failed_result(x0, stop, calls, progress), x0, bounds, calls, progress)
         except BaseException as exc:  # KeyboardInterrupt included: keep the best point, then re-raise
             self._finish(objective, self._failed_result(x0, exc, calls, progress), x0, bounds, calls, progress)
             raise
@@ -116,15 +149,24 @@ class ScipyRun:
     def _failed_result(
         self, x0: np.ndarray, exc: BaseException, calls: Counter[str], progress: Progress
     ) -> scipy.optimize.OptimizeResult:
+        status = -1
         if isinstance(exc, NonFinite):
             reason = f"Stopped: {exc}"
+        elif isinstance(exc, StopRequested):
+            reason = (f"Stopped by callback {exc} (it set model.stop_training) at the end of iteration "
+                      f"{progress.iteration}")
+            status = 99  # scipy's status for a callback that stops the run
         else:
             reason = f"Stopped by {type(exc).__name__}" + (f" ({checks.summary(exc)})" if str(exc) else "")
         nit = progress.iteration or (calls["fun"] if self.method.name == "lm" else 0)
-        njev = calls["jev"] if self.method.least_squares else calls["fun"] if self.method.jac else 0
         return scipy.optimize.OptimizeResult(
-            x=x0, fun=math.nan, success=False, status=-1, message=reason, nit=nit, njev=njev, failed=True
+            x=x0, fun=math.nan, success=False, status=status, message=reason, nit=nit, njev=self._njev(calls),
+            failed=True,
         )
+
+    def _njev(self, calls: Counter[str]) -> int:
+        """Gradient (or Jacobian) evaluations so far: the minimize methods' come with each value."""
+        return calls["jev"] if self.method.least_squares else calls["fun"] if self.method.jac else 0
 
     def _least_squares_kwargs(
         self, objective: Any, bounds: scipy.optimize.Bounds | None, calls: Counter[str], progress: Progress
@@ -135,7 +177,7 @@ class ScipyRun:
                 f"method='lm' (MINPACK) needs at least as many residuals as weights: {m} residuals < {n} "
                 "weights. Use method='trf' or 'dogbox', which handle m < n, or fit more data."
             )
-        options = dict(self.options)
+        options = self._run_options()
         needs_dense = self.method.name == "lm" or options.get("x_scale") == "jac"
         fits = objective.jacobian_bytes() <= objective.max_jacobian_bytes
         mode = self.jacobian or ("dense" if needs_dense or fits else "operator")
@@ -145,8 +187,11 @@ class ScipyRun:
             options["tr_solver"] = "lsmr"
         self.jacobian_mode = mode
         jac = objective.jacobian if mode == "dense" else objective.jacobian_operator
+        fun = _counted(objective.residuals, calls, "fun", "residual vector")
+        if self.method.name == "lm":  # MINPACK takes no callback: each evaluation is its iteration
+            fun = _each_evaluation(fun, progress)
         kwargs: dict[str, Any] = dict(
-            fun=_counted(objective.residuals, calls, "fun", "residual vector"),
+            fun=fun,
             jac=_counted(jac, calls, "jev", "Jacobian"),
             method=self.method.name, **options,
         )
@@ -188,6 +233,11 @@ class ScipyRun:
         result.nhev = calls["hev"]
         result.njev = int(result.get("njev", calls["fun"] if self.method.jac else 0) or 0)
         result.nit = int(result.get("nit", 0) or 0)
+        if self.resumed_counts["nit"]:  # the counts go on from the checkpoint's (once)
+            result.resumed_from = dict(self.resumed_counts)
+            for key, done in self.resumed_counts.items():
+                result[key] += done
+            self.resumed_counts = dict.fromkeys(self.resumed_counts, 0)
         result.trace = np.array(progress.trace + [(time.perf_counter() - progress.started, float(result.fun))])
         self.result = result
         self.results.append(result)
@@ -330,6 +380,17 @@ def _counted(fn: Any, calls: Counter[str], name: str, *kinds: str) -> Any:
         return out
 
     return counted
+
+
+def _each_evaluation(fun: Any, progress: Progress) -> Any:
+    """``fun`` (residuals) that reports each evaluation to ``progress`` as an iteration."""
+
+    def evaluated(x: Any) -> Any:
+        r = fun(x)
+        progress(scipy.optimize.OptimizeResult(x=np.asarray(x), fun=r, cost=0.5 * float(np.dot(r, r))))
+        return r
+
+    return evaluated
 
 
 def _inside(x: np.ndarray, bounds: scipy.optimize.Bounds) -> bool:

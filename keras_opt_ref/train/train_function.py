@@ -38,7 +38,7 @@ from ..base.settings import (
     DEFAULT_MAX_JACOBIAN_BYTES,
     Settings,
 )
-from . import methods
+from . import events, methods
 from .run import HESSIANS, LEAST_SQUARES_METHODS, METHODS, ScipyRun, check_choices
 
 __all__ = ["HESSIANS", "LEAST_SQUARES_METHODS", "METHODS", "ScipyTrainFunction", "make_train_function"]
@@ -103,6 +103,8 @@ class ScipyTrainFunction(ScipyRun):
         max_jacobian_bytes: int = DEFAULT_MAX_JACOBIAN_BYTES,
         max_data_bytes: int = DEFAULT_MAX_DATA_BYTES,
         subproblem: str = "scipy",
+        callbacks: Any = None,
+        resume_from: Any = None,
         **options: Any,
     ) -> None:
         # Every argument is checked here, before fit drains any data (Settings, methods.check_option,
@@ -137,6 +139,11 @@ class ScipyTrainFunction(ScipyRun):
         self._source = _held_weakly(None)  # the iterator fit is draining this epoch
         self._calls_left = 0
         self._logs: dict[str, Any] = {}
+        if resume_from is not None:
+            self._resume(resume_from)
+        self.callbacks = self._checked_callbacks(callbacks)
+        self._fit_callbacks: Any = None  # the calling fit's CallbackList, during a call
+        self._training_for: Any = lambda: None  # the fit whose on_train_end will close the callbacks
         if model.built:
             backends.objective_class(model, self._least_squares)  # refuses what the backend cannot compute
             checks.check_trainable(model)
@@ -156,7 +163,64 @@ class ScipyTrainFunction(ScipyRun):
                 f"{caller.name!r}.fit called it. Make one per model: "
                 f"{caller.name}.train_function = make_train_function({caller.name}, ...)."
             )
-        return self._protocol(self, *args)
+        self.fit_verbosity = keras_compat.calling_verbosity()
+        self._fit_callbacks = keras_compat.calling_callbacks()
+        try:
+            return self._protocol(self, *args)
+        finally:
+            self.fit_verbosity, self._fit_callbacks = 0, None
+
+    # ------------------------------------------------------------- iterations as Keras events
+    def _checked_callbacks(self, callbacks: Any) -> list[Any]:
+        if callbacks is None:
+            return []
+        if not isinstance(callbacks, (list, tuple)):
+            callbacks = [callbacks]
+        hooks = ("set_model", "set_params", "on_train_begin", "on_epoch_end", "on_train_batch_end", "on_train_end")
+        for cb in callbacks:
+            missing = [h for h in hooks if not callable(getattr(cb, h, None))]
+            if missing:
+                raise TypeError(
+                    f"callbacks= takes Keras callbacks (keras.callbacks.Callback instances); {cb!r} lacks "
+                    f"{missing}. Subclass keras.callbacks.Callback."
+                )
+        for cb in callbacks:
+            cb.set_model(self.model)
+            cb.set_params({"verbose": 0, "epochs": self.iteration_budget, "steps": 1})
+        return list(callbacks)
+
+    def _resume(self, path: Any) -> None:
+        """Start from checkpoint ``path`` as its run left it: the weights, the iteration count and
+        the evaluation counts (what scipy lets one restore; docs/callbacks.md lists what is lost)."""
+        state = events.read_run_state(path, self.method.name)
+        if not self.model.built:
+            raise ValueError("resume_from= loads the checkpoint's weights into the model: build it first "
+                             "(keras.Input(...) as its first layer, or model.build(input_shape)).")
+        with warnings.catch_warnings():
+            # The file may hold the compiled optimizer's slots, which a scipy run neither uses nor needs.
+            warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
+            self.model.load_weights(path)
+        self.iterations_done = int(state["iteration"])
+        self.resumed_counts = {key: int(state[key]) for key in COUNTS}
+        self.resumed_state = state
+
+    def open_training(self, callbacks: list[Any]) -> bool:
+        fit = self._fit_callbacks
+        if fit is None:
+            return True  # not inside fit: every run is a training of its own
+        if self._training_for() is fit:
+            return False  # a later epoch of the same fit
+        self._training_for = weakref.ref(fit)
+
+        def fit_ended() -> None:
+            self._training_for = lambda: None
+            events.Events.close(callbacks)
+
+        keras_compat.on_train_end(self.model, fit, fit_ended)
+        return True
+
+    def close_training_after_run(self) -> bool:
+        return self._fit_callbacks is None
 
     def epoch(self, iterator: Any) -> dict[str, Any]:
         """The first call of an epoch drains ``iterator`` (fit's, spanning the epoch) and runs scipy;
