@@ -54,6 +54,14 @@ def _ill_conditioned(n=64, d=12, seed=7):
     return X, y, np.linalg.lstsq(np.hstack([X, np.ones((n, 1))]), y, rcond=None)[0].ravel()
 
 
+def _optimum_tolerance(keras):
+    """How close a converged run gets to lstsq's optimum: Keras 3 on torch computes parts of a float64
+    model's loss in float32 (keras_opt_ref_conformance.truth.working_precision)."""
+    from keras_opt_ref_conformance.truth import working_precision
+
+    return 1e-4 if working_precision(keras) == "float64" else 2e-3
+
+
 def _flat(model):
     return np.concatenate([w.ravel() for w in model.get_weights()]).astype(np.float64)
 
@@ -93,10 +101,11 @@ def _stop_at(keras, iteration):
     return StopAt()
 
 
-def test_each_iteration_is_an_epoch_with_keras_loss_at_the_weights_the_model_holds(keras):
+@pytest.mark.parametrize("method", ["L-BFGS-B", "trust-ncg"])  # trust-ncg: rejected steps stay at the iterate
+def test_each_iteration_is_an_epoch_with_keras_loss_at_the_weights_the_model_holds(keras, method):
     model, X, y = _mlp(keras)
     rec = _recorder(keras)
-    model.train_function = scipy_optimizer.make_train_function(model, method="L-BFGS-B", maxiter=40, callbacks=[rec])
+    model.train_function = scipy_optimizer.make_train_function(model, method=method, maxiter=40, callbacks=[rec])
     history = model.fit(X, y, verbose=0)
     result = model.train_function.result
     assert [row[0] for row in rec.rows] == list(range(result.nit)) and result.nit > 5
@@ -104,7 +113,7 @@ def test_each_iteration_is_an_epoch_with_keras_loss_at_the_weights_the_model_hol
     assert [row[1]["nit"] for row in rec.rows] == list(range(1, result.nit + 1))
     nfev = [row[1]["nfev"] for row in rec.rows]
     assert nfev == sorted(nfev) and nfev[-1] <= result.nfev == history.history["nfev"][0]
-    for epoch, logs, weights in rec.rows[:: max(1, len(rec.rows) // 6)]:
+    for epoch, logs, weights in rec.rows[:: max(1, len(rec.rows) // 12)]:
         probe = keras.models.clone_model(model)
         probe.compile(loss="mse")
         probe.set_weights(weights)
@@ -264,7 +273,8 @@ def test_model_checkpoint_writes_during_the_run_and_resume_reaches_the_same_opti
     assert result.resumed_from == {k: state[k] for k in ("nit", "nfev", "njev", "nhev")}
     assert rec.rows[0][0] == 8 and rec.rows[0][1]["nit"] == 9  # the numbering goes on from the checkpoint
     assert result.nit == 8 + len(rec.rows) and result.nfev > state["nfev"]
-    np.testing.assert_allclose(_flat(model), optimum, rtol=1e-4, atol=1e-4)
+    tol = _optimum_tolerance(keras)
+    np.testing.assert_allclose(_flat(model), optimum, rtol=tol, atol=tol)
 
 
 def test_resume_refuses_what_it_cannot_resume(keras, tmp_path):
@@ -286,7 +296,7 @@ def test_resume_refuses_what_it_cannot_resume(keras, tmp_path):
 
 
 @pytest.mark.slow
-def test_sigkill_from_another_process_loses_at_most_the_iterations_since_the_last_checkpoint(tmp_path):
+def test_sigkill_from_another_process_loses_at_most_the_iterations_since_the_last_checkpoint(keras, tmp_path):
     """A run is killed (SIGKILL, from this process) once its CSV log shows 15 iterations; a fresh
     process resumes from the last checkpoint (every 4 iterations) and reaches the optimum."""
     every, kill_after = 4, 15
@@ -310,4 +320,32 @@ def test_sigkill_from_another_process_loses_at_most_the_iterations_since_the_las
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert report["resumed_from"]["nit"] == state["nit"]
     assert report["first_epoch"] == state["nit"]
-    np.testing.assert_allclose(report["x"], report["optimum"], rtol=1e-4, atol=1e-4)
+    tol = _optimum_tolerance(keras)
+    np.testing.assert_allclose(report["x"], report["optimum"], rtol=tol, atol=tol)
+
+
+def test_resume_on_other_data_warns(keras, tmp_path):
+    X, y, _ = _ill_conditioned()
+    path = str(tmp_path / "ck.weights.h5")
+    model = _line(keras, X)
+    model.train_function = scipy_optimizer.make_train_function(
+        model, method="L-BFGS-B", maxiter=3, callbacks=[keras.callbacks.ModelCheckpoint(path, save_weights_only=True)])
+    model.fit(X, y, verbose=0)
+    model = _line(keras, X)
+    model.train_function = scipy_optimizer.make_train_function(model, method="L-BFGS-B", maxiter=5, resume_from=path)
+    with pytest.warns(UserWarning, match="the data, the loss or the model differ"):
+        model.fit(X, 2 * y, verbose=0)
+
+
+def test_lm_reports_each_evaluation_as_an_iteration(keras, tmp_path):
+    if hasattr(keras, "ops") and keras.backend.backend() != "tensorflow":
+        pytest.skip("least squares is computed on TensorFlow only")
+    X, y, optimum = _ill_conditioned()
+    model = _line(keras, X)
+    rec = _recorder(keras)
+    model.train_function = scipy_optimizer.make_train_function(model, method="lm", callbacks=[rec])
+    model.fit(X, y, verbose=0)
+    result = model.train_function.result
+    assert len(rec.rows) == result.nit == result.nfev  # MINPACK takes no callback: one per evaluation
+    assert [row[1]["nfev"] for row in rec.rows] == list(range(1, result.nfev + 1))
+    np.testing.assert_allclose(_flat(model), optimum, rtol=1e-6, atol=1e-8)

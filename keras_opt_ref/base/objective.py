@@ -216,6 +216,15 @@ class Objective:
         """Write ``x`` into the model's trainable variables."""
         self.flat.write(self.flat.as_vector(x))
 
+    def weights_hold(self, x: np.ndarray) -> bool:
+        """Whether the model's variables already hold ``x`` (rounded to their dtypes), so that
+        :meth:`set_weights` would change nothing. Here: never known (a backend whose evaluations
+        assign the weights says otherwise)."""
+        return False
+
+    def weights_touched(self) -> None:
+        """Someone else (a callback) may have written the variables since the last evaluation."""
+
     def cached(self, x: np.ndarray) -> tuple[float, np.ndarray | None] | None:
         """``(value, gradient or None)`` if ``x`` is the last point evaluated, else ``None``."""
         x = np.asarray(x, dtype=np.float64)

@@ -94,7 +94,8 @@ class Events:
             self.progbar.update(nit, logs)
         if not self.callbacks:
             return
-        self.objective.set_weights(x)  # what a checkpoint saves and a callback reads: the iterate
+        if not self.objective.weights_hold(x):  # usually the last point evaluated, which they hold
+            self.objective.set_weights(x)  # what a checkpoint saves and a callback reads: the iterate
         epoch = self.epoch
         watched = self._checkpoint_files(epoch, logs)
         before = {path: _stamp(path) for path in watched}
@@ -103,6 +104,7 @@ class Events:
         self._send("on_train_batch_end", 0, logs)
         self._send("on_epoch_end", epoch, logs)
         self.epoch += 1
+        self.objective.weights_touched()  # a callback may have written them (restore_best_weights)
         if self.chief:
             for path in watched:
                 if _stamp(path) != before[path] and os.path.exists(path):

@@ -114,6 +114,8 @@ class ScipyRun:
                 kwargs["hessp"] = _counted(objective.gauss_newton_hessp, calls, "hev", "Gauss-Newton product")
             if "hess" in kwargs:
                 kwargs["hess"] = _counted(objective.gauss_newton_hessian, calls, "hev", "Gauss-Newton matrix")
+        if self.resumed_counts["nit"]:
+            self._check_resumed_loss(objective, x0)
         progress.start(x0)
         try:
             if self.method.least_squares:
@@ -135,6 +137,17 @@ class ScipyRun:
         if self.method.least_squares:
             self._verify_residuals(objective, x0)
         return logs
+
+    def _check_resumed_loss(self, objective: Objective, x0: np.ndarray) -> None:
+        """A resumed run starts where its checkpoint's loss says: else the data, loss or model differ."""
+        saved = float(getattr(self, "resumed_state", {}).get("loss", math.nan))
+        here = objective.value(x0)
+        if math.isfinite(saved) and not abs(here - saved) <= 1e-4 * abs(saved) + 1e-12:
+            warnings.warn(
+                f"resume_from: the loss at the checkpoint's weights is {here:.8g} here, but {saved:.8g} when it was "
+                "written: the data, the loss or the model differ from the run being resumed. Resuming anyway.",
+                UserWarning, stacklevel=3,
+            )
 
     def _verify_residuals(self, objective: Any, x0: np.ndarray) -> None:
         """Least squares trusts r . r to be Keras's loss: checked at the start (on construction)

@@ -63,6 +63,10 @@ class LeastSquaresObjective(TensorFlowObjective):
         self.check_consistent(self.flat.read())
 
     # --------------------------------------------------------------- layout
+
+    def weights_hold(self, x: np.ndarray) -> bool:
+        return False  # the residual and Jacobian graphs assign their x too, outside the tracking in _run
+
     def _hold_data(self, dense: tuple[Any, Any, Any]) -> None:
         held = self._chunks
         super()._hold_data(dense)

@@ -67,6 +67,7 @@ class TensorFlowObjective(ChunkGraphs, Objective):
 
     backend = "tensorflow"
     flat_class = GraphFlatVariables
+    _held: tf.Tensor | None = None  # the x the last compiled evaluation assigned to the variables
     _chunks: tuple[Any, Any] | None = None
 
     _convert_leaf = staticmethod(to_tensor)
@@ -197,8 +198,27 @@ class TensorFlowObjective(ChunkGraphs, Objective):
     def _tensor(self, x: np.ndarray) -> tf.Tensor:
         return tf.convert_to_tensor(x.astype(self.flat.common_dtype, copy=False))
 
+    def weights_hold(self, x: np.ndarray) -> bool:
+        # Every compiled evaluation assigns its x (its first argument) to the variables: they hold the
+        # last one's, unless something wrote them since (weights_touched).
+        held = self._held
+        return held is not None and np.array_equal(held.numpy(), np.asarray(x).astype(self.flat.common_dtype))
+
+    def weights_touched(self) -> None:
+        self._held = None
+
+    def set_weights(self, x: np.ndarray) -> None:
+        super().set_weights(x)
+        self._held = None  # not recorded: the write rounds each variable on its own, the graphs x as a whole
+
     def _run(self, name: str, *args: tf.Tensor) -> tf.Tensor:
         """Call compiled function ``name``; on an XLA failure fall back to plain TensorFlow."""
+        self._held = None
+        out = self._run_compiled(name, *args)
+        self._held = args[0] if name in _ASSIGNING else None  # a tensor: read only when asked
+        return out
+
+    def _run_compiled(self, name: str, *args: tf.Tensor) -> tf.Tensor:
         try:
             return self._concrete_function(name)(*args)
         except tf.errors.OpError as exc:
@@ -217,6 +237,7 @@ class TensorFlowObjective(ChunkGraphs, Objective):
 
 
 FullBatchObjective = TensorFlowObjective  # its name in 0.1.0
+_ASSIGNING = frozenset({"value", "value_and_grad", "hvp", "hessian", "steihaug"})  # graphs that assign x
 
 
 def _same_layout(held: Any, new: Any) -> bool:
