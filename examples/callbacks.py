@@ -70,7 +70,8 @@ def plot(logdir: str, path: str) -> None:
                     if value.tag in ("epoch_loss", "epoch_grad_norm"):
                         series.setdefault(value.tag, {})[event.step] = float(tf.make_ndarray(value.tensor))
     fig, axes = plt.subplots(1, len(series), figsize=(5 * len(series), 3.2))
-    for ax, (tag, points) in zip(list(axes) if len(series) > 1 else [axes], sorted(series.items()), strict=True):
+    panels = list(axes) if len(series) > 1 else [axes]
+    for ax, (tag, points) in zip(panels, sorted(series.items(), reverse=True), strict=True):  # loss first
         steps = sorted(points)
         ax.semilogy(steps, [points[s] for s in steps], color="#e8710a")
         ax.set_title(f"{tag} (TensorBoard, train)")

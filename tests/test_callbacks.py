@@ -291,6 +291,8 @@ def test_resume_refuses_what_it_cannot_resume(keras, tmp_path):
     model.fit(X, y, verbose=0)
     with pytest.raises(ValueError, match="written by a 'CG' run"):
         scipy_optimizer.make_train_function(_line(keras, X), method="BFGS", resume_from=path)
+    with pytest.raises(ValueError, match="its run had done 3 of maxiter=3 already"):
+        scipy_optimizer.make_train_function(_line(keras, X), method="CG", maxiter=3, resume_from=path)
     with pytest.raises(TypeError, match="Keras callbacks"):
         scipy_optimizer.make_train_function(model, method="CG", callbacks=[print])
 

@@ -23,6 +23,7 @@ __all__ = [
     "batch_level_losses",
     "calling_model",
     "calling_callbacks",
+    "chief_only_writer",
     "calling_verbosity",
     "default_keras",
     "fit_steps_per_epoch",
@@ -309,6 +310,15 @@ def calling_callbacks(depth: int = 2) -> Any:
         return None
     callbacks = frame.f_locals.get("callbacks")
     return callbacks if isinstance(getattr(callbacks, "callbacks", None), list) else None
+
+
+def chief_only_writer(callback: Any) -> bool:
+    """Whether ``callback`` itself writes on the chief alone under a multi-worker strategy (tf-keras's
+    ModelCheckpoint, TensorBoard and BackupAndRestore write elsewhere into a temporary directory they
+    remove). Such a callback must run on every worker: tf-keras's weight saving takes part in the
+    strategy's collectives, so a save on the chief alone stalls the workers' next evaluation."""
+    return type(callback).__module__.startswith("tf_keras") and type(callback).__name__ in (
+        "ModelCheckpoint", "TensorBoard", "BackupAndRestore")
 
 
 def on_train_end(model: Any, fit_callbacks: Any, hook: Callable[[], None]) -> None:

@@ -28,15 +28,17 @@ from typing import Any
 
 import numpy as np
 
+from ..base import keras_compat
 from .progress import LiveLine
 
 __all__ = ["RUN_STATE_SUFFIX", "Events", "StopRequested", "read_run_state"]
 
 RUN_STATE_SUFFIX = ".run.json"
 RUN_STATE_FORMAT = 1
-# Keras callbacks that write files or print: on several workers only the chief runs them. The
-# others (EarlyStopping, TerminateOnNaN, a user's own) run on every worker, which see the same
-# logs bit for bit, so every worker stops at the same iteration.
+# Keras callbacks that write files or print: on several workers only the chief runs them, unless they
+# write on the chief alone themselves (keras_compat.chief_only_writer: tf-keras's). The others
+# (EarlyStopping, TerminateOnNaN, a user's own) run on every worker, which see the same logs bit for
+# bit, so every worker stops at the same iteration.
 WRITERS = frozenset({"ModelCheckpoint", "CSVLogger", "TensorBoard", "BackupAndRestore", "ProgbarLogger",
                      "RemoteMonitor"})
 
@@ -52,7 +54,8 @@ class Events:
         self.owner, self.objective, self.calls, self.njev_of = owner, objective, calls, njev_of
         self.model = owner.model
         chief = getattr(objective, "is_chief", True)
-        self.callbacks = [cb for cb in owner.callbacks if chief or type(cb).__name__ not in WRITERS]
+        self.callbacks = [cb for cb in owner.callbacks
+                          if chief or type(cb).__name__ not in WRITERS or keras_compat.chief_only_writer(cb)]
         self.chief = chief
         self.offset = owner.resumed_counts  # counts of the run this one resumes (zeros otherwise)
         self.first_epoch = owner.iterations_done

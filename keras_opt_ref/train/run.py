@@ -69,7 +69,7 @@ class ScipyRun:
         key = methods.budget_key(self.method)
         if self.resumed_counts["nit"] and isinstance(options.get(key), (int, np.integer)):
             done = self.resumed_counts["nfev" if key in ("maxfun", "max_nfev") else "nit"]
-            options[key] = max(int(options[key]) - done, 1)
+            options[key] = int(options[key]) - done  # > 0: checked when the train function was made
         return options
 
     def _objective_for(self, x: Any, y: Any, sample_weight: Any) -> Objective:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import warnings
 import weakref
 from typing import Any
@@ -203,6 +204,13 @@ class ScipyTrainFunction(ScipyRun):
         self.iterations_done = int(state["iteration"])
         self.resumed_counts = {key: int(state[key]) for key in COUNTS}
         self.resumed_state = state
+        key = methods.budget_key(self.method)
+        budget, done = self.options.get(key), self.resumed_counts["nfev" if key in ("maxfun", "max_nfev") else "nit"]
+        if isinstance(budget, int) and budget <= done:
+            raise ValueError(
+                f"resume_from={os.fspath(path)!r}: its run had done {done} of {key}={budget} already. {key} counts "
+                f"the whole run, the part before the checkpoint included: pass a larger maxiter to go on."
+            )
 
     def open_training(self, callbacks: list[Any]) -> bool:
         fit = self._fit_callbacks
