@@ -58,8 +58,7 @@ class Events:
                           if chief or type(cb).__name__ not in WRITERS or keras_compat.chief_only_writer(cb)]
         self.chief = chief
         self.offset = owner.resumed_counts  # counts of the run this one resumes (zeros otherwise)
-        self.first_epoch = owner.iterations_done
-        self.epoch = self.first_epoch
+        self.epoch = owner.iterations_done  # the callbacks' epoch number of this run's first iteration
         self.target = owner.iteration_budget
         self.progbar = None
         if chief and fit_verbosity == 1 and not owner.verbose:
@@ -91,7 +90,7 @@ class Events:
         if gradient is None and self.previous is not None and np.array_equal(x, self.previous[0]):
             gradient = self.previous[1]  # a rejected step: still at the last iterate, whose gradient is known
         elif gradient is not None:
-            self.previous = (x, gradient)
+            self.previous = (x.copy(), gradient)  # x may be scipy's own buffer, updated in place
         logs = self.last_logs = self.logs(nit, loss, gradient)
         if self.progbar is not None:
             self.progbar.update(nit, logs)
@@ -111,7 +110,7 @@ class Events:
         if self.chief:
             for path in watched:
                 if _stamp(path) != before[path] and os.path.exists(path):
-                    self._write_run_state(path, nit, logs)
+                    self._write_run_state(path, logs)
         if self.stopped_by is not None:
             raise StopRequested(self.stopped_by)
 
@@ -173,7 +172,7 @@ class Events:
                     paths.append(path)
         return paths
 
-    def _write_run_state(self, path: str, nit: int, logs: dict[str, Any]) -> None:
+    def _write_run_state(self, path: str, logs: dict[str, Any]) -> None:
         owner = self.owner
         state = {
             "format": RUN_STATE_FORMAT,
