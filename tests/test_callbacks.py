@@ -113,11 +113,11 @@ def test_each_iteration_is_an_epoch_with_keras_loss_at_the_weights_the_model_hol
     assert [row[1]["nit"] for row in rec.rows] == list(range(1, result.nit + 1))
     nfev = [row[1]["nfev"] for row in rec.rows]
     assert nfev == sorted(nfev) and nfev[-1] <= result.nfev == history.history["nfev"][0]
+    probe = keras.models.clone_model(model)
     for epoch, logs, weights in rec.rows[:: max(1, len(rec.rows) // 12)]:
-        probe = keras.models.clone_model(model)
-        probe.compile(loss="mse")
         probe.set_weights(weights)
-        assert logs["loss"] == pytest.approx(_evaluate(probe, X, y), rel=1e-5, abs=1e-7), epoch
+        mse = float(np.mean((np.asarray(probe.predict_on_batch(X), dtype=np.float64) - y.reshape(-1, 1)) ** 2))
+        assert logs["loss"] == pytest.approx(mse, rel=1e-5, abs=1e-7), epoch  # the loss, "mse", at those weights
         assert logs["grad_norm"] >= 0
 
 
@@ -351,3 +351,27 @@ def test_lm_reports_each_evaluation_as_an_iteration(keras, tmp_path):
     assert len(rec.rows) == result.nit == result.nfev  # MINPACK takes no callback: one per evaluation
     assert [row[1]["nfev"] for row in rec.rows] == list(range(1, result.nfev + 1))
     np.testing.assert_allclose(_flat(model), optimum, rtol=1e-6, atol=1e-8)
+
+
+def test_checkpoint_on_improvement_of_the_whole_model_resumes(keras, tmp_path):
+    """ModelCheckpoint(save_best_only=True) writing the whole model (.keras): its run state is the best
+    iterate's, and a run resumes from the .keras file."""
+    X, y, optimum = _ill_conditioned()
+    path = str(tmp_path / "best.keras")
+    model = _line(keras, X)
+    rec = _recorder(keras)
+    saver = keras.callbacks.ModelCheckpoint(path, monitor="loss", save_best_only=True)
+    model.train_function = scipy_optimizer.make_train_function(
+        model, method="CG", maxiter=500, gtol=1e-10, callbacks=[rec, saver, _stop_at(keras, 12)])
+    model.fit(X, y, verbose=0)
+    with open(path + ".run.json") as f:
+        state = json.load(f)
+    best = min(range(len(rec.rows)), key=lambda i: rec.rows[i][1]["loss"])
+    assert state["nit"] == best + 1 and state["loss"] == rec.rows[best][1]["loss"]
+    model = _line(keras, X)
+    model.train_function = scipy_optimizer.make_train_function(model, method="CG", maxiter=500, gtol=1e-10,
+                                                               resume_from=path)
+    model.fit(X, y, verbose=0)
+    assert model.train_function.result.resumed_from["nit"] == state["nit"]
+    tol = _optimum_tolerance(keras)
+    np.testing.assert_allclose(_flat(model), optimum, rtol=tol, atol=tol)
