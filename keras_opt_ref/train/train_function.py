@@ -197,20 +197,19 @@ class ScipyTrainFunction(ScipyRun):
         if not self.model.built:
             raise ValueError("resume_from= loads the checkpoint's weights into the model: build it first "
                              "(keras.Input(...) as its first layer, or model.build(input_shape)).")
-        with warnings.catch_warnings():
-            # The file may hold the compiled optimizer's slots, which a scipy run neither uses nor needs.
-            warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
-            self.model.load_weights(path)
-        self.iterations_done = int(state["iteration"])
-        self.resumed_counts = {key: int(state[key]) for key in COUNTS}
-        self.resumed_state = state
+        counts = {key: int(state[key]) for key in COUNTS}
         key = methods.budget_key(self.method)
-        budget, done = self.options.get(key), self.resumed_counts["nfev" if key in ("maxfun", "max_nfev") else "nit"]
+        budget, done = self.options.get(key), counts["nfev" if key in ("maxfun", "max_nfev") else "nit"]
         if isinstance(budget, int) and budget <= done:
             raise ValueError(
                 f"resume_from={os.fspath(path)!r}: its run had done {done} of {key}={budget} already. {key} counts "
                 f"the whole run, the part before the checkpoint included: pass a larger maxiter to go on."
             )
+        with warnings.catch_warnings():
+            # The file may hold the compiled optimizer's slots, which a scipy run neither uses nor needs.
+            warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
+            self.model.load_weights(path)
+        self.iterations_done, self.resumed_counts, self.resumed_state = int(state["iteration"]), counts, state
 
     def open_training(self, callbacks: list[Any]) -> bool:
         fit = self._fit_callbacks
