@@ -71,7 +71,9 @@ def test_step_equals_scipys_subproblem_in_every_branch(keras):
 
 
 @pytest.mark.usefixtures("float64")
-@pytest.mark.parametrize("chunk_size", [10_000, 64])  # one chunk (linearized) and several
+# One chunk (linearized) in the default run; several chunks in the slow tier (about 11 s, taken out of the
+# default run to keep it under 15 minutes).
+@pytest.mark.parametrize("chunk_size", [10_000, pytest.param(64, marks=pytest.mark.slow)])
 def test_run_follows_scipys_trust_ncg(keras, chunk_size):
     X, y = regression(n=300, d=3)
     runs = {}
