@@ -290,3 +290,15 @@ def test_fit_keeps_nothing_alive_after_it_returns(keras):
     del model, train, spy
     gc.collect()
     assert [ref() is None for ref in refs] == [True, True, True], "model / train function / objective not released"
+
+
+def test_a_subclass_from_a_module_named_like_keras_trains(keras):
+    """A user's model class from a module whose name starts with "keras" (keras_models.py) is still the
+    Keras it subclasses: the flavour was once read from the module name's prefix."""
+    Subclass = type("Net", (keras.Sequential,), {"__module__": "keras_models"})
+    X, y = workloads.readme_regression()
+    model = Subclass([keras.Input((4,)), keras.layers.Dense(1, use_bias=False)])
+    model.compile(loss="mse")
+    model.train_function = scipy_optimizer.make_train_function(model, method="L-BFGS-B")
+    model.fit(X, y, verbose=0)
+    np.testing.assert_allclose(model.get_weights()[0].ravel(), workloads.README_WEIGHTS, atol=1e-3)

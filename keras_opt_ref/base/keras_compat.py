@@ -81,10 +81,10 @@ def default_keras():
 def flavour(model: Any) -> str:
     """Return ``"keras3"`` or ``"tf_keras"`` for a model, from its class hierarchy."""
     for cls in type(model).__mro__:
-        module = cls.__module__
-        if module.startswith("tf_keras"):
+        package = cls.__module__.split(".")[0]  # a user's module named keras_models.py is neither
+        if package == "tf_keras":
             return "tf_keras"
-        if module.startswith("keras"):
+        if package == "keras":
             return "keras3"
     raise TypeError(
         f"{type(model).__name__} is neither a Keras 3 nor a tf-keras model; "
@@ -317,7 +317,7 @@ def chief_only_writer(callback: Any) -> bool:
     ModelCheckpoint, TensorBoard and BackupAndRestore write elsewhere into a temporary directory they
     remove). Such a callback must run on every worker: tf-keras's weight saving takes part in the
     strategy's collectives, so a save on the chief alone stalls the workers' next evaluation."""
-    return type(callback).__module__.startswith("tf_keras") and type(callback).__name__ in (
+    return type(callback).__module__.split(".")[0] == "tf_keras" and type(callback).__name__ in (
         "ModelCheckpoint", "TensorBoard", "BackupAndRestore")
 
 
