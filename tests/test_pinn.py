@@ -59,3 +59,17 @@ def test_lbfgs_reaches_the_closed_form_solution(keras):
     work.model.fit(work.x, work.y, batch_size=len(work.x), verbose=0)
     after = pinn.relative_l2_error(work)
     assert before > 0.5 and after < 5e-3, (before, after, work.model.train_function.result.message)
+
+
+def test_the_example_trains_and_prints_its_errors(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples", "pinn_poisson.py")
+    out = subprocess.run([sys.executable, script, "--adam-epochs", "5", "--maxiter", "800"], capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    last = [line for line in out.stdout.splitlines() if line.startswith("then L-BFGS-B")][-1]
+    error = float(last.split("relative L2 error ")[1].split()[0])
+    assert error < 0.05, last  # the default 2,000 iterations reach about 2e-3
