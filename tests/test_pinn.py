@@ -73,3 +73,11 @@ def test_the_example_trains_and_prints_its_errors(tmp_path):
     last = [line for line in out.stdout.splitlines() if line.startswith("then L-BFGS-B")][-1]
     error = float(last.split("relative L2 error ")[1].split()[0])
     assert error < 0.05, last  # the default 2,000 iterations reach about 2e-3
+
+
+@pytest.mark.parametrize("contender", ["adam+reference", "adam+hand-written"])
+def test_time_to_error_stops_at_the_target(keras, contender):
+    row = pinn.time_to_error(contender, "poisson1d", "small", target=0.05, adam_epochs=5, maxiter=400, check_every=5,
+                             keras=keras)
+    assert row["seconds"] is not None and 0 < row["seconds"] < 120, row
+    assert row["error"] <= 0.05 and row["steps"] % 5 == 0, row
