@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from .workloads import checked_choice
+
 __all__ = ["CONTENDERS", "PINN_SIZES", "PINNS", "Pinn", "exact_solution", "make_pinn", "relative_l2_error",
            "time_to_error"]
 
@@ -62,14 +64,7 @@ def _boundary(name: str, count: int, rng: np.random.Generator) -> np.ndarray:
 
 def make_pinn(name: str, size: str = "small", *, keras: Any = None, dtype: str = "float64") -> Pinn:
     """Build PINN workload ``name`` at ``size``: the compiled model, the collocation points and zeros."""
-    if name not in PINN_SIZES:
-        raise ValueError(f"Unknown PINN workload {name!r}; choose one of {PINNS}")
-    if size not in PINN_SIZES[name]:
-        raise ValueError(f"Unknown size {size!r} for {name}; choose one of {tuple(PINN_SIZES[name])}")
-    if keras is None:
-        from ..base.keras_compat import default_keras
-
-        keras = default_keras()
+    keras = checked_choice(PINN_SIZES, name, size, "PINN workload", keras)
     points, boundary_points, width, depth = PINN_SIZES[name][size]
     dim = 1 if name == "poisson1d" else 2
     rng = np.random.default_rng(0)

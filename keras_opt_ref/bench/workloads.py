@@ -18,6 +18,7 @@ __all__ = [
     "WORKLOADS",
     "FactorizationData",
     "Workload",
+    "checked_choice",
     "factorization_data",
     "factorization_model",
     "linear_model",
@@ -156,6 +157,20 @@ class Workload:
         return f"{self.name}-{self.size}"
 
 
+def checked_choice(sizes: dict[str, dict[str, Any]], name: str, size: str, what: str, keras: Any) -> Any:
+    """Refuse an unknown ``name`` or ``size`` of the table ``sizes``, naming the choices; the Keras to build
+    with (``keras``, or the default one)."""
+    if name not in sizes:
+        raise ValueError(f"Unknown {what} {name!r}; choose one of {tuple(sizes)}")
+    if size not in sizes[name]:
+        raise ValueError(f"Unknown size {size!r} for {name}; choose one of {tuple(sizes[name])}")
+    if keras is None:
+        from ..base.keras_compat import default_keras
+
+        keras = default_keras()
+    return keras
+
+
 def make_workload(
     name: str, size: str = "medium", *, keras: Any = None, dtype: str | None = None, bias: bool = False
 ) -> Workload:
@@ -164,14 +179,7 @@ def make_workload(
     Deterministic: the same name and size always give the same data and initial weights.
     ``bias`` adds the per-user and per-item bias terms to the factorization model.
     """
-    if name not in SIZES:
-        raise ValueError(f"Unknown workload {name!r}; choose one of {WORKLOADS}")
-    if size not in SIZES[name]:
-        raise ValueError(f"Unknown size {size!r} for {name}; choose one of {tuple(SIZES[name])}")
-    if keras is None:
-        from ..base.keras_compat import default_keras
-
-        keras = default_keras()
+    keras = checked_choice(SIZES, name, size, "workload", keras)
     keras.utils.set_random_seed(0)
     factorization = None
     if name == "factorization":
