@@ -22,9 +22,8 @@ __all__ = [
     "add_loss_count",
     "batch_level_losses",
     "calling_model",
-    "calling_callbacks",
+    "calling_fit",
     "chief_only_writer",
-    "calling_verbosity",
     "default_keras",
     "fit_steps_per_epoch",
     "flavour",
@@ -288,28 +287,18 @@ def calling_model(depth: int = 2) -> Any:
     return owner if hasattr(owner, "train_function") else None
 
 
-def calling_verbosity(depth: int = 2) -> int:
-    """The ``verbose`` of the ``fit`` that called the train function (``"auto"`` is 1), or 0.
+def calling_fit(depth: int = 2) -> tuple[int, Any]:
+    """``(verbose, callbacks)`` of the ``fit`` that called the train function: its verbosity
+    (``"auto"`` is 1) and its CallbackList; ``(0, None)`` when no ``fit`` called it.
 
-    Read from the same frame as :func:`calling_model`: ``fit`` holds no attribute for it, and
-    its ProgbarLogger only prints once the step returns."""
+    Read from the same frame as :func:`calling_model`: ``fit`` keeps both as locals in both
+    flavours and holds no attribute for either."""
     frame = sys._getframe(depth)
     if frame is None or frame.f_code.co_name != "fit":
-        return 0
-    verbose = frame.f_locals.get("verbose", 0)
-    if verbose == "auto":
-        return 1
-    return verbose if isinstance(verbose, int) else 0
-
-
-def calling_callbacks(depth: int = 2) -> Any:
-    """The CallbackList of the ``fit`` that called the train function, or None (same frame as
-    :func:`calling_model`; both flavours keep it in the local ``callbacks``)."""
-    frame = sys._getframe(depth)
-    if frame is None or frame.f_code.co_name != "fit":
-        return None
-    callbacks = frame.f_locals.get("callbacks")
-    return callbacks if isinstance(getattr(callbacks, "callbacks", None), list) else None
+        return 0, None
+    verbose, callbacks = frame.f_locals.get("verbose", 0), frame.f_locals.get("callbacks")
+    verbose = 1 if verbose == "auto" else verbose if isinstance(verbose, int) else 0
+    return verbose, callbacks if isinstance(getattr(callbacks, "callbacks", None), list) else None
 
 
 def chief_only_writer(callback: Any) -> bool:

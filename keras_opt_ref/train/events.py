@@ -99,7 +99,7 @@ class Events:
         if not self.objective.weights_hold(x):  # usually the last point evaluated, which they hold
             self.objective.set_weights(x)  # what a checkpoint saves and a callback reads: the iterate
         epoch = self.epoch
-        watched = self._checkpoint_files(epoch, logs)
+        watched = self._checkpoint_files(epoch, logs) if self.chief else []  # only the chief writes run state
         before = {path: _stamp(path) for path in watched}
         self._send("on_epoch_begin", epoch)
         self._send("on_train_batch_begin", 0)
@@ -107,10 +107,9 @@ class Events:
         self._send("on_epoch_end", epoch, logs)
         self.epoch += 1
         self.objective.weights_touched()  # a callback may have written them (restore_best_weights)
-        if self.chief:
-            for path in watched:
-                if _stamp(path) != before[path] and os.path.exists(path):
-                    self._write_run_state(path, logs)
+        for path in watched:
+            if _stamp(path) != before[path] and os.path.exists(path):
+                self._write_run_state(path, logs)
         if self.stopped_by is not None:
             raise StopRequested(self.stopped_by)
 

@@ -98,8 +98,7 @@ class LiveLine:
         elapsed = now - self.started
         if self.target:
             digits = len(str(self.target))
-            done = min(current / self.target, 1.0) if self.target else 0.0
-            filled = int(self.WIDTH * done)
+            filled = int(self.WIDTH * min(current / self.target, 1.0))
             bar = f"{current:>{digits}}/{self.target} " + "\u2501" * filled + "\u2500" * (self.WIDTH - filled)
         else:
             bar = f"{current}"

@@ -164,8 +164,7 @@ class ScipyTrainFunction(ScipyRun):
                 f"{caller.name!r}.fit called it. Make one per model: "
                 f"{caller.name}.train_function = make_train_function({caller.name}, ...)."
             )
-        self.fit_verbosity = keras_compat.calling_verbosity()
-        self._fit_callbacks = keras_compat.calling_callbacks()
+        self.fit_verbosity, self._fit_callbacks = keras_compat.calling_fit()
         try:
             return self._protocol(self, *args)
         finally:

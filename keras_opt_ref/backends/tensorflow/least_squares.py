@@ -64,9 +64,6 @@ class LeastSquaresObjective(TensorFlowObjective):
 
     # --------------------------------------------------------------- layout
 
-    def weights_hold(self, x: np.ndarray) -> bool:
-        return False  # the residual and Jacobian graphs assign their x too, outside the tracking in _run
-
     def _hold_data(self, dense: tuple[Any, Any, Any]) -> None:
         held = self._chunks
         super()._hold_data(dense)
@@ -203,7 +200,10 @@ class LeastSquaresObjective(TensorFlowObjective):
             xla = self.jit_compile and name != "jacobian"  # pfor's vectorized loops: left to TensorFlow
             fn = tf.function(lambda *a, g=graph, s=size: g(*a, s), jit_compile=xla)
             self._ls_functions[key] = fn
-        return fn(*tensors, tf.constant(start, tf.int32))
+        self._held = None
+        out = fn(*tensors, tf.constant(start, tf.int32))
+        self._held = tensors[0]  # every block's graph assigns its x, as the objective's graphs do (_run)
+        return out
 
     def _block_residuals(self, start: tf.Tensor, size: int) -> tf.Tensor:
         x, y, sw = self._rows(start, size)
