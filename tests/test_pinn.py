@@ -17,7 +17,7 @@ tf = pytest.importorskip("tensorflow")
 from keras_opt_ref_conformance.truth import central_jacobian, directional  # noqa: E402
 
 from keras_opt_ref import backends, scipy_optimizer  # noqa: E402
-from keras_opt_ref.bench import pinn  # noqa: E402
+from keras_opt_ref.bench import pinn, pinn_timing  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -77,7 +77,7 @@ def test_the_example_trains_and_prints_its_errors(tmp_path):
 
 @pytest.mark.parametrize("contender", ["adam+reference", "adam+hand-written"])
 def test_time_to_error_stops_at_the_target(keras, contender):
-    row = pinn.time_to_error(contender, "poisson1d", "small", target=0.05, adam_epochs=5, maxiter=400, check_every=5,
-                             keras=keras)
+    row = pinn_timing.time_to_error(contender, "poisson1d", "small", target=0.05, adam_epochs=5, maxiter=400,
+                                    check_every=5, keras=keras)
     assert row["seconds"] is not None and 0 < row["seconds"] < 120, row
     assert row["error"] <= 0.05 and row["steps"] % 5 == 0, row
