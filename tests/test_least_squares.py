@@ -122,6 +122,7 @@ def test_readme_regression(keras, method):
     np.testing.assert_allclose(model.get_weights()[0].ravel(), [1, 2, 3, 4], atol=1e-4)
 
 
+@pytest.mark.slow  # about 13 s: the default run is at its 15-minute budget
 def test_trf_bounds_and_matrix_free_jacobian(keras):
     data = workloads.factorization_data(*workloads.FACTORIZATION_SIZES["tiny"])
     model = workloads.factorization_model(keras, data.n_users, data.n_items)

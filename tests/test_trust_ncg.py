@@ -40,6 +40,7 @@ def _saddle_model(keras):
     return model
 
 
+@pytest.mark.slow  # about 11 s: the default run is at its 15-minute budget
 @pytest.mark.usefixtures("float64")
 def test_step_equals_scipys_subproblem_in_every_branch(keras):
     X, y = regression(n=200, d=3)

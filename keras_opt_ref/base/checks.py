@@ -24,11 +24,13 @@ from .flat import numpy_dtype
 __all__ = [
     "LossFacts",
     "NotSquaredErrorError",
+    "check_declared_rule",
     "check_loss_facts",
     "check_model",
     "check_residual_model",
     "check_trainable",
     "chunk_rule",
+    "loss_eagerly",
     "loss_facts_eagerly",
     "non_finite",
     "record",
@@ -141,7 +143,13 @@ def check_loss_facts(facts: LossFacts) -> None:
 _ROW_MEAN = "sum_over_batch_size"
 
 
-def chunk_rule(model: Any, facts: LossFacts, sample_weight: Any) -> tuple[str, str]:
+# A declared loss_over_rows and the chunk rule it stands for.
+DECLARED_RULES = {"mean": "rows", "sum": "sum"}
+_RULE_WORDS = {"rows": "a mean over rows (loss_over_rows='mean')", "sum": "a sum over rows (loss_over_rows='sum')",
+               "sample_weight": "a mean weighted by the sample weights"}
+
+
+def chunk_rule(model: Any, facts: LossFacts, sample_weight: Any, declared: str | None = None) -> tuple[str, str]:
     """How per-chunk values of Keras's loss add up to its one-batch value, exactly.
 
     Returns ``(rule, "")`` with rule ``"rows"`` (each chunk weighted by its share of the rows:
@@ -149,7 +157,52 @@ def chunk_rule(model: Any, facts: LossFacts, sample_weight: Any) -> tuple[str, s
     (each chunk weighted by its share of the sample weights: ``"mean_with_sample_weight"``); or
     ``("", reason)`` when no such rule is exact, and the data must be evaluated in one piece.
     Weight regularizers do not depend on the data; the objective counts them once.
+
+    ``declared`` (the setting ``loss_over_rows``) gives the rule where Keras's configuration does
+    not show one; the objective then measures it (:func:`check_declared_rule`). Declaring a rule
+    other than the one Keras's reduction shows is refused.
     """
+    rule, why = _shown_rule(model, facts, sample_weight)
+    if declared is None:
+        return rule, why
+    if rule and rule != DECLARED_RULES[declared]:
+        raise ValueError(
+            f"loss_over_rows={declared!r} contradicts the model's compiled loss, whose reduction adds up over chunks "
+            f"as {_RULE_WORDS[rule]}. Leave loss_over_rows unset: here the rule is known from the model."
+        )
+    return DECLARED_RULES[declared], ""
+
+
+def check_declared_rule(declared: str, whole: float, parts: tuple[float, float], rows: tuple[int, int],
+                        regularization: float, dtype: str) -> None:
+    """Refuse a declared ``loss_over_rows`` that does not add up: ``whole`` is the loss of the first
+    ``rows[0] + rows[1]`` rows in one piece, ``parts`` the losses of its first ``rows[0]`` rows and of
+    the rest, as the objective's chunks cut them, all at the starting weights. The parts combine as
+    the objective combines chunks: by their share of the rows (``"mean"``), or added with the weight
+    regularization (in every chunk's loss) counted once (``"sum"``)."""
+    total = rows[0] + rows[1]
+    if declared == "mean":
+        combined = parts[0] * rows[0] / total + parts[1] * rows[1] / total
+        how = f"{rows[0]}/{total} x {parts[0]:.9g} + {rows[1]}/{total} x {parts[1]:.9g}"
+    else:
+        combined = parts[0] + parts[1] - regularization
+        how = f"{parts[0]:.9g} + {parts[1]:.9g}" + (f" - {regularization:.9g} (the weight regularization, counted "
+                                                    "once)" if regularization else "")
+    tol = 1e-9 if dtype == "float64" else 1e-4
+    scale = max(abs(whole), abs(parts[0]), abs(parts[1]), np.finfo(np.float64).tiny)
+    if not abs(combined - whole) <= tol * scale:
+        other = "sum" if declared == "mean" else "mean"
+        raise ValueError(
+            f"loss_over_rows={declared!r} does not add up for this loss: on the first {total} rows at the starting "
+            f"weights, the loss in one piece is {whole:.9g}, but its chunks of {rows[0]} and {rows[1]} rows combine "
+            f"to {how} = {combined:.9g} (relative difference {abs(combined - whole) / scale:.2g}). Declare "
+            f"loss_over_rows={other!r} if that describes the loss, or leave it unset: the loss is then evaluated in "
+            "one piece (chunk_size does not bound its memory)."
+        )
+
+
+def _shown_rule(model: Any, facts: LossFacts, sample_weight: Any) -> tuple[str, str]:
+    """:func:`chunk_rule` from what Keras's configuration and the traced loss show."""
     if _keras.overrides_compute_loss(model):
         return "", f"{type(model).__name__} overrides compute_loss, whose terms are unknown here"
     if facts.masked:
@@ -273,3 +326,14 @@ def record(facts: LossFacts, model: Any, y: Any, y_pred: Any) -> None:
     facts.output_names = sorted(y_pred) if isinstance(y_pred, dict) else (
         names if len(names) == len(outputs) else [str(i) for i in range(len(outputs))])
     facts.batch_level = _keras.batch_level_losses(model, y, outputs)
+
+
+def loss_eagerly(model: Any, batch: tuple[Any, Any, Any], to_backend: Any) -> float:
+    """Keras's loss on ``batch`` (NumPy data, moved with ``to_backend``) at the model's current weights,
+    called eagerly (inference mode on Keras 3): the one-piece measure of a declared ``loss_over_rows``."""
+    x, y, sample_weight = nest.map_data(to_backend, batch)
+    y_pred = model(x, training=False)
+    mode = {"training": False} if _keras.flavour(model) == "keras3" else {}  # tf-keras: no such argument
+    loss = model.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, **mode)
+    loss = loss.detach().cpu() if hasattr(loss, "detach") else loss  # torch
+    return float(np.asarray(loss))

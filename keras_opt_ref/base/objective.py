@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from . import checks, data
+from . import checks, data, keras_compat, nest
 from .flat import FlatVariables
 from .settings import DEFAULT_MAX_HESSIAN_PARAMS, Settings
 
@@ -76,6 +76,9 @@ class Objective:
     """
 
     backend = ""  # the Keras backend this objective computes on
+    # Whether a float64 model's loss is computed in float64 (Keras 3.15 on JAX and torch computes many
+    # ops, tanh and means among them, in float32: its result_type maps float64 to float32 there).
+    computes_float64 = True
     default_hvp_mode = "reverse-over-reverse"  # what hvp_mode=None means here
     flat_class = FlatVariables
     flat: Any
@@ -110,8 +113,30 @@ class Objective:
         self.num_samples = data.check_data(dense)
         self.facts = self._loss_facts(dense)
         checks.check_loss_facts(self.facts)
-        self.rule, self.why = checks.chunk_rule(self.model, self.facts, dense[2])
+        declared = self.settings.loss_over_rows
+        self.rule, self.why = checks.chunk_rule(self.model, self.facts, dense[2], declared)
+        if declared and self.num_samples > 1:
+            self._measure_declared(declared, dense)
         return dense
+
+    def _measure_declared(self, declared: str, dense: tuple[Any, Any, Any]) -> None:
+        """A declared ``loss_over_rows``, measured at the starting weights on the first two chunks (the
+        two halves of data that fits one chunk: replicas or a later, larger training set cut it too):
+        their loss in one piece against the chunks' losses combined as the objective combines them
+        (``checks.check_declared_rule``). Memory: two chunks, eagerly, values only."""
+        n = self.num_samples
+        rows, total = (self.chunk_size, min(n, 2 * self.chunk_size)) if n > self.chunk_size else (n // 2, n)
+        cut = lambda a, b: nest.map_data(lambda t: t[a:b], dense)  # noqa: E731
+        whole = checks.loss_eagerly(self.model, cut(0, total), self._backend_tensor)
+        parts = (checks.loss_eagerly(self.model, cut(0, rows), self._backend_tensor),
+                 checks.loss_eagerly(self.model, cut(rows, total), self._backend_tensor))
+        regularizers, _ = keras_compat.variable_regularizers(self.model)
+        variables = {id(v): v for v in self.model.trainable_variables}
+        regularization = sum(_as_float(r(variables[key])) for key, r in regularizers.items() if key in variables)
+        dtypes = {checks.numpy_dtype_name(v.dtype) for v in self.model.trainable_variables}
+        exact = dtypes == {"float64"} and self.computes_float64
+        checks.check_declared_rule(declared, whole, parts, (rows, total - rows), regularization,
+                                   "float64" if exact else "float32")
 
     def _hold_data(self, dense: tuple[Any, Any, Any]) -> None:
         n, rows = self.num_samples, self.chunk_size
@@ -126,7 +151,9 @@ class Objective:
         if n > rows:
             warnings.warn(
                 f"All {n} samples are evaluated in one piece, not in chunks of chunk_size={rows}: {self.why}, so "
-                "chunk values do not add up to Keras's loss. Memory is not bounded by chunk_size here.",
+                "chunk values are not known to add up to Keras's loss. Memory is not bounded by chunk_size here. If "
+                "the loss is a mean over the rows of the data (plus terms that do not depend on the data), declare "
+                "it with loss_over_rows='mean' ('sum' for a sum over rows): it is checked, then chunked.",
                 UserWarning,
                 stacklevel=4,
             )
@@ -134,6 +161,10 @@ class Objective:
 
     # ------------------------------------------------------------ the backend's part
     _convert_leaf = None  # how a data leaf becomes dense (None: NumPy, ``data.to_numpy``)
+
+    def _backend_tensor(self, leaf: Any) -> Any:
+        """A NumPy data leaf as the backend's eager tensor (for eager calls of the model)."""
+        raise NotImplementedError
 
     def _loss_facts(self, dense: tuple[Any, Any, Any]) -> checks.LossFacts:
         raise NotImplementedError
@@ -255,3 +286,8 @@ def weight_regularization(flat: Any, values: list[Any]) -> Any:
     terms = [v.regularizer(value) for v, value in zip(flat.variables, values, strict=True)
              if getattr(v, "regularizer", None) is not None]
     return sum(terms[1:], terms[0]) if terms else np.zeros((), np.float32)
+
+
+def _as_float(value: Any) -> float:
+    """An eager scalar of any backend (a torch tensor may require grad) as a Python float."""
+    return float(np.asarray(value.detach().cpu() if hasattr(value, "detach") else value))

@@ -19,6 +19,7 @@ __all__ = [
     "DEFAULT_MAX_HESSIAN_PARAMS",
     "DEFAULT_MAX_JACOBIAN_BYTES",
     "HVP_MODES",
+    "LOSS_OVER_ROWS",
     "Settings",
     "check_whole",
 ]
@@ -28,6 +29,7 @@ DEFAULT_MAX_HESSIAN_PARAMS = 5000
 DEFAULT_MAX_DATA_BYTES = 4 * 2**30
 DEFAULT_MAX_JACOBIAN_BYTES = 512 * 2**20
 HVP_MODES = ("reverse-over-reverse", "forward-over-reverse")
+LOSS_OVER_ROWS = ("mean", "sum")  # what a user may declare about a loss whose terms are unknown
 
 # Whole-number settings and the least value each may take.
 _WHOLE = {"chunk_size": 1, "max_jacobian_bytes": 1, "max_data_bytes": 1, "max_hessian_params": 0}
@@ -52,6 +54,14 @@ class Settings:
         Largest training set, in bytes as dense arrays, held in memory; larger data is refused.
     max_jacobian_bytes
         Largest dense Jacobian of the residuals (least squares).
+    loss_over_rows
+        What the user declares about a loss whose terms are unknown here (an overridden
+        ``compute_loss``, a custom loss that may reduce over the batch, ``add_loss`` terms):
+        ``"mean"``, a mean over the rows of the data plus terms that do not depend on the data
+        (each chunk weighted by its share of the rows), or ``"sum"``, a sum over the rows
+        (chunks add up). ``None`` (default): only the rules Keras's configuration shows are used,
+        and such a loss is evaluated in one piece. A declaration is measured against one piece
+        before any optimization (``base.checks.check_declared_rule``) and refused if it does not add up.
     """
 
     chunk_size: int = DEFAULT_CHUNK_SIZE
@@ -61,6 +71,7 @@ class Settings:
     deterministic: bool = False
     max_data_bytes: int = DEFAULT_MAX_DATA_BYTES
     max_jacobian_bytes: int = DEFAULT_MAX_JACOBIAN_BYTES
+    loss_over_rows: str | None = None
 
     @classmethod
     def checked(cls, **settings: Any) -> Settings:
@@ -79,6 +90,13 @@ class Settings:
             elif name == "hvp_mode":
                 if value is not None and value not in HVP_MODES:
                     raise ValueError(f"Unknown hvp_mode {value!r}; choose one of {HVP_MODES} (None: the backend's)")
+                out[name] = value
+            elif name == "loss_over_rows":
+                if value is not None and value not in LOSS_OVER_ROWS:
+                    raise ValueError(
+                        f"Unknown loss_over_rows {value!r}; choose 'mean' (a mean over the rows of the data, plus "
+                        "terms that do not depend on the data), 'sum' (a sum over the rows) or None (not declared)"
+                    )
                 out[name] = value
             else:
                 out[name] = check_whole(name, value, _WHOLE[name])

@@ -103,6 +103,7 @@ class ScipyTrainFunction(ScipyRun):
         jacobian: str | None = None,
         max_jacobian_bytes: int = DEFAULT_MAX_JACOBIAN_BYTES,
         max_data_bytes: int = DEFAULT_MAX_DATA_BYTES,
+        loss_over_rows: str | None = None,
         subproblem: str = "scipy",
         callbacks: Any = None,
         resume_from: Any = None,
@@ -113,6 +114,7 @@ class ScipyTrainFunction(ScipyRun):
         self.settings = Settings.checked(
             deterministic=deterministic, chunk_size=chunk_size, jit_compile=jit_compile, hvp_mode=hvp_mode,
             max_hessian_params=max_hessian_params, max_jacobian_bytes=max_jacobian_bytes, max_data_bytes=max_data_bytes,
+            loss_over_rows=loss_over_rows,
         )
         self.verbose = methods.check_option("verbose", verbose)
         self.tol = None if tol is None else methods.check_option("tol", tol)
@@ -302,7 +304,9 @@ def make_train_function(
         scipy solver options (``gtol=``, ``maxcor=``, ...), plus ``bounds=`` (one
         ``(lo, hi)`` pair, a dict per variable name, or a list per variable), ``tol=``,
         and the objective's settings ``deterministic=``, ``chunk_size=``,
-        ``jit_compile=``, ``hvp_mode=``, ``max_hessian_params=``. ``hessian="gauss-newton"``
+        ``jit_compile=``, ``hvp_mode=``, ``max_hessian_params=``, ``loss_over_rows=`` (``"mean"``
+        or ``"sum"``: how a loss whose terms are unknown, such as an overridden ``compute_loss``,
+        adds up over chunks of rows; measured before any optimization, then chunked). ``hessian="gauss-newton"``
         hands the Hessian-based minimize methods ``2 J^T J`` (products, or the dense matrix
         for trust-exact and dogleg) instead of the exact Hessian. For the least-squares
         methods: ``ftol``, ``xtol``, ``gtol``, ``x_scale``, ``loss``, ``f_scale``,

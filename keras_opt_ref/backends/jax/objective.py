@@ -41,6 +41,7 @@ class JaxObjective(Objective):
     forward-over-reverse, JAX's own way: both are exact)."""
 
     backend = "jax"
+    computes_float64 = False  # Keras 3.15 demotes float64 to float32 in many ops here (base.objective)
     default_hvp_mode = "forward-over-reverse"
 
     def _setup(self) -> None:
@@ -56,6 +57,9 @@ class JaxObjective(Objective):
         self._build_functions()
 
     # ------------------------------------------------------------------ data
+    def _backend_tensor(self, leaf: Any) -> Any:
+        return jnp.asarray(leaf)
+
     def _loss_facts(self, data: tuple[Any, Any, Any]) -> checks.LossFacts:
         return checks.loss_facts_eagerly(self.model, data, self.chunk_size, jnp.asarray)
 

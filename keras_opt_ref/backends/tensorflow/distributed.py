@@ -69,8 +69,10 @@ class DistributedObjective(TensorFlowObjective):
     def _without_rule(self, n: int, rows: int) -> int:
         raise ValueError(
             f"This model's loss cannot be split across the {self.strategy.num_replicas_in_sync} replicas of "
-            f"{type(self.strategy).__name__} exactly: {self.why}. Train it without a strategy (build the model "
-            "outside strategy.scope()), where it is evaluated in one piece."
+            f"{type(self.strategy).__name__} exactly: {self.why}. If the loss is a mean over the rows of the data "
+            "(plus terms that do not depend on the data), declare it with loss_over_rows='mean' ('sum' for a sum "
+            "over rows; it is checked). Otherwise train it without a strategy (build the model outside "
+            "strategy.scope()), where it is evaluated in one piece."
         )
 
     def _hold(self, data: tuple[Any, Any, Any], rows: int) -> None:

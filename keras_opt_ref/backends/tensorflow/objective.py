@@ -134,6 +134,9 @@ class TensorFlowObjective(ChunkGraphs, Objective):
 
         return tail if head is None else tf.nest.map_structure(join, head, tail)
 
+    def _backend_tensor(self, leaf: Any) -> Any:
+        return tf.convert_to_tensor(leaf)
+
     def _loss_facts(self, data: tuple[Any, Any, Any]) -> checks.LossFacts:
         # The model and compute_loss once per chunk, in a plain tf.function: surfaces data errors
         # (shapes, dtypes, Embedding ids, which XLA would clamp) before any compiled work, builds

@@ -47,6 +47,7 @@ class TorchObjective(Objective):
     ``hvp_mode=None`` is reverse-over-reverse)."""
 
     backend = "torch"
+    computes_float64 = False  # Keras 3.15 demotes float64 to float32 in many ops here (base.objective)
 
     def _setup(self) -> None:
         self.jit_compile = False  # measured not to pay (module docstring)
@@ -55,6 +56,11 @@ class TorchObjective(Objective):
         self._device = self.model.trainable_variables[0].value.device
 
     # ------------------------------------------------------------------ data
+    def _backend_tensor(self, leaf: Any) -> Any:
+        import keras  # its default device: where the model's variables live
+
+        return keras.ops.convert_to_tensor(leaf)
+
     def _loss_facts(self, data: tuple[Any, Any, Any]) -> checks.LossFacts:
         import keras  # its default device: where the model's variables live
 
