@@ -76,6 +76,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     bench_parser.add_argument("--quick", action="store_true", help="fewer rounds, 10 s of Adam, scaling to 4x only")
     bench_parser.add_argument("--out", default="reports", help="folder for bench.md, bench.json and bench.png")
     bench_parser.add_argument("--adam-seconds", type=float, default=None, help="Adam's budget per configuration")
+    bench_parser.add_argument("--pinn", action="store_true", help="only the PINN time-to-error race (poisson2d "
+                              "small, and medium unless --quick), written to pinn.md and pinn.json")
     args = parser.parse_args(argv)
     if args.command in (None, "demo"):
         return demo(getattr(args, "maxiter", 200))
@@ -89,7 +91,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "bench":
         from .bench import measure
 
-        measure.summary(quick=args.quick, out=args.out, adam_seconds=args.adam_seconds)
+        if args.pinn:
+            measure.pinn_only(quick=args.quick, out=args.out)
+        else:
+            measure.summary(quick=args.quick, out=args.out, adam_seconds=args.adam_seconds)
         return 0
     parser.error(f"unknown command {args.command!r}")
     return 2

@@ -115,3 +115,31 @@ def test_a_function_compiled_per_input_value_is_caught():
     with pytest.raises(RuntimeError, match="compiles per input value"):
         measure._check_compiled_once({"specializing": specializing}, times, np.zeros(3))
     measure._check_compiled_once({"plain": lambda x, p: None}, times, np.zeros(3))
+
+
+@pytest.mark.slow
+def test_the_pinn_race_runs_each_contender_in_its_own_process_and_takes_ratios(tmp_path):
+    """Each contender's row comes from a child process (its own pid) and its ratio is its seconds over the
+    reference's on TensorFlow; a contender that cannot reach the target gives no seconds and no ratio."""
+    import os
+
+    from keras_opt_ref.bench import pinn_timing
+
+    lines = []
+    race = pinn_timing.race("poisson1d", "small", target=0.05, contenders=("adam", "adam+reference", "adam+tfp"),
+                            backends=("tensorflow",), adam_epochs=5, maxiter=400, check_every=5, say=lines.append)
+    rows = race["rows"]
+    assert list(rows) == ["adam+reference (tensorflow)", "adam", "adam+tfp"], rows
+    reference = rows["adam+reference (tensorflow)"]
+    assert reference["seconds"] is not None and reference["error"] <= 0.05, reference
+    assert reference["/ reference"] == pytest.approx(1.0)
+    for row in rows.values():
+        if "skipped" in row:
+            continue
+        assert (row["seconds"] is None) == (row["error"] > 0.05) == (row["/ reference"] is None), row
+        if row["seconds"] is not None:
+            assert row["/ reference"] == pytest.approx(row["seconds"] / reference["seconds"])
+            assert 0 < row["seconds"] <= row["total seconds"]
+    assert len({row["pid"] for row in rows.values() if "pid" in row} | {os.getpid()}) == 1 + sum(
+        "pid" in row for row in rows.values())
+    assert len(lines) == 3

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 
 from benchmarks._common import ADAM_SECONDS, RUN_MAXITER, SIZES, WORKLOADS
-from keras_opt_ref import TensorFlowObjective
-from keras_opt_ref.bench import alternatives, baselines, measure, same_math, workloads
+from keras_opt_ref import TensorFlowObjective, backends
+from keras_opt_ref.bench import alternatives, baselines, measure, pinn, pinn_timing, same_math, workloads
 
 
 def _rounds(benchmark, timed: int) -> int:
@@ -247,3 +247,59 @@ def test_plot_writes_a_png(tmp_path):
     path = tmp_path / "measure.png"
     measure._plot([run], np.array([[0.0, 1.0], [2.0, 0.05]]), (256, 1e-2), 0.05, str(path))
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("size", ["small", "medium"])
+@pytest.mark.parametrize("name", pinn.PINNS)
+def test_pinn_loss_and_gradient(benchmark, name, size):
+    """The reference's loss and gradient on a PINN (a third derivative of the network)."""
+    benchmark.group = "PINN loss+grad"
+    work = pinn.make_pinn(name, size)
+    objective = backends.make_objective(work.model, work.x, work.y)
+    x = objective.flat.read()
+    objective.value_and_grad(x)  # tracing and compilation: not timed
+
+    def evaluate():
+        objective.forget()
+        return objective.value_and_grad(x)
+
+    f, g = benchmark.pedantic(evaluate, rounds=_rounds(benchmark, 20), iterations=1)
+    assert math.isfinite(f) and np.all(np.isfinite(g))
+
+
+_PINN_RUN = {"name": "poisson2d", "size": "small", "target": 1e-2, "adam_epochs": 100 if ADAM_SECONDS >= 10 else 5,
+             "maxiter": 5000 if RUN_MAXITER >= 200 else RUN_MAXITER, "check_every": 10, "timeout": 1800.0}
+
+
+@pytest.fixture(scope="module")
+def pinn_reference():
+    """The reference on TensorFlow, in its own process, once: the denominator of every ratio."""
+    cache = {}
+
+    def get():
+        if not cache:
+            cache.update(pinn_timing.in_a_process("adam+reference", "tensorflow", **_PINN_RUN))
+        return cache
+
+    return get
+
+
+@pytest.mark.parametrize("contender", [c for c in pinn_timing.CONTENDERS if c != "adam+reference"]
+                         + [f"adam+reference ({b})" for b in pinn_timing.REFERENCE_BACKENDS])
+def test_pinn_time_to_error(benchmark, pinn_reference, contender):
+    """Seconds to a relative L2 error of 1e-2 on poisson2d-small, each contender in its own process (timed:
+    the whole process); the seconds to the error and their ratio to the reference on TensorFlow in extra_info."""
+    benchmark.group = "PINN time to error, poisson2d-small"
+    name, backend = (contender.split(" (")[0], contender.split(" (")[1][:-1]) if "(" in contender else (
+        contender, "tensorflow")
+    reason = pinn_timing.skip_reason(name, backend)
+    if reason:
+        pytest.skip(reason)
+    row = benchmark.pedantic(pinn_timing.in_a_process, args=(name, backend), kwargs=_PINN_RUN, rounds=1,
+                             iterations=1)
+    assert "failed" not in row, row
+    reference = pinn_reference()
+    ratio = (row["seconds"] / reference["seconds"] if row["seconds"] is not None and reference.get("seconds")
+             else None)
+    benchmark.extra_info.update({k: v for k, v in row.items() if k != "contender"}, over_reference=ratio)
+    assert math.isfinite(row["error"]) and row["steps"] > 0, row

@@ -633,6 +633,8 @@ def summary(*, quick: bool = False, out: str = "reports", adam_seconds: float | 
             say(f"{who:<12} {row['first run s']:>11.2f} {row['full run s']:>10.3f} {row['nit']:>5} {row['nfev']:>6} "
                 f"{row['final loss']:>11.4e} {str(row['s to target']):>22} {str(row['/ reference']):>22}")
 
+    report["pinn"] = pinn_section(say, quick=quick)
+
     ls_size, ls_iter = "medium", (3 if quick else 10)
     say(f"\n## Least squares against minimize on mlp-{ls_size}: lm and trf get {ls_iter} evaluations, the minimize "
         f"methods {30 * ls_iter} iterations; target: the worse of lm's and trf's final losses")
@@ -688,6 +690,51 @@ def summary(*, quick: bool = False, out: str = "reports", adam_seconds: float | 
         fh.write("\n".join(lines) + "\n")
     _plot(fact_runs, adam, config, target, os.path.join(out, "bench.png"))
     print(f"\nwritten: {out}/bench.md, {out}/bench.json, {out}/bench.png")
+    return report
+
+
+def pinn_section(say: Callable[[str], None], *, quick: bool = False,
+                 sizes: Sequence[str] | None = None) -> dict[str, Any]:
+    """The PINN time-to-error race (:func:`keras_opt_ref.bench.pinn_timing.race`): poisson2d, each contender
+    in its own process, one after another; small (quick) or small and medium."""
+    from . import pinn_timing
+
+    results = {}
+    for size in sizes or (("small",) if quick else ("small", "medium")):
+        target = 1e-2
+        say(f"\n## PINN poisson2d-{size}: seconds to a relative L2 error of {target:g} against the exact solution "
+            "(100 full-batch Adam steps, then L-BFGS; each contender in its own process; tracing and compilation "
+            "counted, the error checks not)")
+        race = pinn_timing.race("poisson2d", size, target=target, say=lambda line: None)
+        say(f"{'contender':<30} {'s to error':>10} {'/ reference (TF)':>17} {'error':>9} {'steps':>6} {'s in all':>9}")
+        for label, row in race["rows"].items():
+            if "skipped" in row or "failed" in row:
+                say(f"{label:<30} {row.get('skipped') or row.get('failed')}")
+                continue
+            seconds = "not reached" if row["seconds"] is None else f"{row['seconds']:.1f}"
+            ratio = "" if row["/ reference"] is None else f"{row['/ reference']:.2f}"
+            say(f"{label:<30} {seconds:>10} {ratio:>17} {row['error']:>9.2e} {row['steps']:>6} "
+                f"{row['total seconds']:>9.1f}")
+        results[race["workload"]] = race
+    return results
+
+
+def pinn_only(*, quick: bool = False, out: str = "reports") -> dict[str, Any]:
+    """``keras-opt-ref bench --pinn``: :func:`pinn_section` alone, written to ``pinn.md`` and ``pinn.json``."""
+    lines: list[str] = []
+
+    def say(text: str = "") -> None:
+        lines.append(text)
+        print(text, flush=True)
+
+    say(f"keras-opt-ref bench --pinn ({'quick' if quick else 'full'})")
+    report = pinn_section(say, quick=quick)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "pinn.json"), "w") as fh:
+        json.dump(report, fh, indent=2, default=_jsonable)
+    with open(os.path.join(out, "pinn.md"), "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+    print(f"\nwritten: {out}/pinn.md, {out}/pinn.json")
     return report
 
 

@@ -1,22 +1,42 @@
-"""Time to a relative L2 error target on a PINN workload (:mod:`keras_opt_ref.bench.pinn`), one contender per call.
+"""Time to a relative L2 error target on a PINN workload (:mod:`keras_opt_ref.bench.pinn`).
 
-Each contender starts from the same weights (``make_pinn`` is deterministic); the error against the exact
-solution is checked every ``check_every`` epochs or iterations and the checks' own time is not counted.
-Call it in a fresh process per contender for a fair comparison.
+:func:`time_to_error` times one contender in the calling process; :func:`race` runs every contender in
+a fresh process of its own (``python -m keras_opt_ref.bench.pinn_timing``), so that no contender inherits
+another's compiled functions, threads or memory, and gives each one's seconds over the reference's.
+Each contender starts from the same weights (``make_pinn`` is deterministic) and the same Adam steps;
+the error against the exact solution is checked every ``check_every`` epochs or iterations, and the
+checks' own time is not counted. Tracing and compilation are counted: a user pays them.
+
+The contenders, as PINN code is written (the L-BFGS part of the usual recipe, Adam then L-BFGS):
+
+- ``adam``: Keras's Adam on the full batch alone;
+- ``adam+reference``: keras_opt_ref's L-BFGS-B through ``fit``, on the process's Keras backend;
+- ``adam+hand-written``: a ``get_weights``/``set_weights`` L-BFGS-B wrapper around a ``tf.function``
+  loss and gradient of ``compute_loss``, float64 (the same math as the reference);
+- ``adam+hand-written-float32``: the same wrapper on the model built in float32, as most tutorials do;
+- ``adam+tfp``: ``tfp.optimizer.lbfgs_minimize`` on a "function factory": one ``tf.function`` taking the
+  flat position, assigning it to the variables and returning the loss and the flat gradient, float64.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from .pinn import make_pinn, relative_l2_error
 
-__all__ = ["CONTENDERS", "time_to_error"]
+__all__ = ["CONTENDERS", "REFERENCE_BACKENDS", "in_a_process", "race", "skip_reason", "time_to_error"]
 
-CONTENDERS = ("adam", "adam+reference", "adam+hand-written")
+CONTENDERS = ("adam", "adam+reference", "adam+hand-written", "adam+hand-written-float32", "adam+tfp")
+REFERENCE_BACKENDS = ("tensorflow", "jax", "torch")
+_TENSORFLOW_ONLY = ("adam+hand-written", "adam+hand-written-float32", "adam+tfp")
 
 
 def time_to_error(contender: str, name: str = "poisson2d", size: str = "small", *, target: float = 1e-2,
@@ -29,14 +49,13 @@ def time_to_error(contender: str, name: str = "poisson2d", size: str = "small", 
     - ``"adam+reference"``: ``adam_epochs`` Adam steps, then keras_opt_ref's L-BFGS-B (a callback stops it);
     - ``"adam+hand-written"``: the same Adam steps, then L-BFGS-B the way PINN code is often written by
       hand: ``set_weights`` from the flat vector at every call and a compiled loss-and-gradient of the
-      model's ``compute_loss`` in the model's dtype.
+      model's ``compute_loss`` in the model's dtype;
+    - ``"adam+hand-written-float32"``: the same on the model built in float32;
+    - ``"adam+tfp"``: the same Adam steps, then ``tfp.optimizer.lbfgs_minimize`` (function factory).
 
     Returns the seconds (``None`` if the target was not reached), the error reached, and the steps.
     """
     import time
-
-    import scipy.optimize
-    import tensorflow as tf
 
     if keras is None:
         from ..base.keras_compat import default_keras
@@ -44,7 +63,9 @@ def time_to_error(contender: str, name: str = "poisson2d", size: str = "small", 
         keras = default_keras()
     if contender not in CONTENDERS:
         raise ValueError(f"Unknown contender {contender!r}; choose one of {CONTENDERS}")
-    work = make_pinn(name, size, keras=keras)
+    if contender in _TENSORFLOW_ONLY and hasattr(keras, "ops") and keras.backend.backend() != "tensorflow":
+        raise ValueError(f"Contender {contender!r} is written with TensorFlow; run it with KERAS_BACKEND=tensorflow")
+    work = make_pinn(name, size, keras=keras, dtype="float32" if contender.endswith("float32") else "float64")
     model, X, y = work.model, work.x, work.y
     clock = {"start": time.perf_counter(), "checking": 0.0, "reached": None, "error": math.inf, "steps": 0}
 
@@ -71,13 +92,22 @@ def time_to_error(contender: str, name: str = "poisson2d", size: str = "small", 
     if contender == "adam+reference" and clock["reached"] is None:
         model.train_function = _reference_train_function(model, maxiter, [Check(adam_steps)])
         model.fit(X, y, batch_size=len(X), verbose=0)
-    elif contender == "adam+hand-written" and clock["reached"] is None:
+    elif contender.startswith("adam+hand-written") and clock["reached"] is None:
+        import scipy.optimize
+        import tensorflow as tf
+
         _hand_written_lbfgs(model, X, y, maxiter, lambda k: k % check_every == 0 and check(adam_steps + k), tf,
                             scipy.optimize)
+    elif contender == "adam+tfp" and clock["reached"] is None:
+        import tensorflow as tf
+
+        _tfp_lbfgs(model, X, y, maxiter, check_every, lambda k: check(adam_steps + k), tf)
     if clock["reached"] is None:
         check(clock["steps"])
-    return {"contender": contender, "workload": work.label, "target": target, "seconds": clock["reached"],
-            "error": clock["error"], "steps": clock["steps"]}
+    backend = keras.backend.backend() if hasattr(keras, "ops") else "tensorflow"
+    return {"contender": contender, "backend": backend, "workload": work.label, "target": target,
+            "seconds": clock["reached"], "error": clock["error"], "steps": clock["steps"],
+            "total seconds": time.perf_counter() - clock["start"] - clock["checking"]}
 
 
 def _reference_train_function(model: Any, maxiter: int, callbacks: list[Any]) -> Any:
@@ -116,3 +146,130 @@ def _hand_written_lbfgs(model: Any, X: np.ndarray, y: np.ndarray, maxiter: int, 
     result = optimize.minimize(fun, x0, jac=True, method="L-BFGS-B", callback=callback,
                                options={"maxiter": maxiter})
     fun(result.x)
+
+
+def _tfp_lbfgs(model: Any, X: np.ndarray, y: np.ndarray, maxiter: int, check_every: int, stop: Any, tf: Any) -> None:
+    """tfp's L-BFGS on a function factory: a ``tf.function`` of the flat position that assigns it to the
+    variables and returns the loss and the flat gradient. Run ``check_every`` iterations at a time, each
+    call continuing the last one's state (``previous_optimizer_results``: the curvature pairs are kept)."""
+    import tensorflow_probability as tfp
+
+    variables = model.trainable_variables
+    shapes = [v.shape for v in variables]
+    sizes = [int(np.prod(shape)) for shape in shapes]
+    x_tensor, y_tensor = tf.constant(X), tf.constant(y)
+
+    @tf.function
+    def value_and_gradients(position: Any) -> Any:
+        for variable, part, shape in zip(variables, tf.split(position, sizes), shapes, strict=True):
+            variable.assign(tf.reshape(part, shape))
+        with tf.GradientTape() as tape:
+            loss = model.compute_loss(x=x_tensor, y=y_tensor, y_pred=None)
+        gradients = tape.gradient(loss, variables)
+        return loss, tf.concat([tf.reshape(g, [-1]) for g in gradients], axis=0)
+
+    start = tf.concat([tf.reshape(v, [-1]) for v in variables], axis=0)
+    results, done = None, 0
+    while done < maxiter:
+        requested = min(done + check_every, maxiter)
+        results = tfp.optimizer.lbfgs_minimize(
+            value_and_gradients, initial_position=start if results is None else None,
+            previous_optimizer_results=results, max_iterations=requested, tolerance=1e-12)
+        done = int(results.num_iterations)
+        value_and_gradients(results.position)  # the variables hold the iterate, not the last point tried
+        if stop(done) or bool(results.converged) or bool(results.failed) or done < requested:
+            break
+
+
+# ------------------------------------------------------------------ every contender in its own process
+def race(name: str = "poisson2d", size: str = "small", *, target: float = 1e-2,
+         contenders: Sequence[str] = CONTENDERS, backends: Sequence[str] = REFERENCE_BACKENDS,
+         adam_epochs: int = 100, maxiter: int = 5000, check_every: int = 10, timeout: float = 1800.0,
+         say: Any = print) -> dict[str, Any]:
+    """:func:`time_to_error` for each contender (``adam+reference`` once per Keras backend in ``backends``
+    that is installed), each in a fresh process, one after another. Returns the rows by label and each
+    one's seconds over the reference's on TensorFlow (``/ reference``; ``None`` where either did not
+    reach the target)."""
+    rows: dict[str, dict[str, Any]] = {}
+    runs = [(c, "tensorflow") for c in contenders if c != "adam+reference"]
+    runs = [(c, b) for c in contenders if c == "adam+reference" for b in backends] + runs
+    for contender, backend in runs:
+        label = f"{contender} ({backend})" if contender == "adam+reference" else contender
+        reason = skip_reason(contender, backend)
+        if reason:
+            rows[label] = {"skipped": reason}
+            say(f"{label}: left out, {reason}")
+            continue
+        rows[label] = row = in_a_process(contender, backend, name=name, size=size, target=target,
+                                         adam_epochs=adam_epochs, maxiter=maxiter, check_every=check_every,
+                                         timeout=timeout)
+        say(_row_line(label, row))
+    reference = rows.get("adam+reference (tensorflow)", {}).get("seconds")
+    for row in rows.values():
+        seconds = row.get("seconds")
+        row["/ reference"] = seconds / reference if seconds is not None and reference else None
+    return {"workload": f"{name}-{size}", "target": target, "adam_epochs": adam_epochs, "maxiter": maxiter,
+            "check_every": check_every, "rows": rows}
+
+
+def _row_line(label: str, row: dict[str, Any]) -> str:
+    if "failed" in row:
+        return f"{label}: failed, {row['failed']}"
+    seconds = "not reached" if row["seconds"] is None else f"{row['seconds']:.1f} s"
+    return (f"{label}: {seconds} to {row['target']:g} (error {row['error']:.3g} after {row['steps']} steps, "
+            f"{row['total seconds']:.1f} s in all)")
+
+
+def skip_reason(contender: str, backend: str) -> str:
+    """Why ``contender`` cannot run on ``backend`` here (a package missing), or ``""``."""
+    import importlib.util
+
+    needed = {"jax": "jax", "torch": "torch", "tensorflow": "tensorflow"}[backend]
+    if importlib.util.find_spec(needed) is None:
+        return f"{needed} is not installed"
+    if contender == "adam+tfp" and importlib.util.find_spec("tensorflow_probability") is None:
+        return "tensorflow_probability is not installed"
+    return ""
+
+
+def in_a_process(contender: str, backend: str, *, name: str, size: str, target: float, adam_epochs: int,
+                 maxiter: int, check_every: int, timeout: float = 1800.0) -> dict[str, Any]:
+    """:func:`time_to_error` in a fresh Python process with ``KERAS_BACKEND=backend`` (its JSON row, or
+    ``{"failed": why}``)."""
+    env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="2")
+    if backend == "jax":
+        env["JAX_ENABLE_X64"] = "1"
+    env.pop("TF_USE_LEGACY_KERAS", None) if backend != "tensorflow" else None
+    command = [sys.executable, "-m", "keras_opt_ref.bench.pinn_timing", contender, name, size, "--target",
+               repr(target), "--adam-epochs", str(adam_epochs), "--maxiter", str(maxiter), "--check-every",
+               str(check_every)]
+    try:
+        out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"failed": f"no result within {timeout:g} s"}
+    lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+    if out.returncode != 0 or not lines:
+        return {"failed": f"exit {out.returncode}: {out.stderr.strip().splitlines()[-1] if out.stderr else ''}"}
+    return json.loads(lines[-1])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="one PINN contender's time to an error target (JSON on stdout)")
+    parser.add_argument("contender", choices=CONTENDERS)
+    parser.add_argument("name")
+    parser.add_argument("size")
+    parser.add_argument("--target", type=float, default=1e-2)
+    parser.add_argument("--adam-epochs", type=int, default=100)
+    parser.add_argument("--maxiter", type=int, default=5000)
+    parser.add_argument("--check-every", type=int, default=10)
+    args = parser.parse_args(argv)
+    row = time_to_error(args.contender, args.name, args.size, target=args.target, adam_epochs=args.adam_epochs,
+                        maxiter=args.maxiter, check_every=args.check_every)
+    print(json.dumps({**row, "pid": os.getpid()}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
