@@ -57,6 +57,51 @@ def require_float64(call: Any, truth_at: Callable[[np.ndarray], float], w: np.nd
         )
 
 
+def require_float64_at_start(call: Any, truth_at_start: float, steps: Any, checked: str, truth: str) -> None:
+    """``require_float64`` for an x whose layout is not yet known to be the interface's: f at scipy's own x0 (the
+    model's start weights in whatever layout the implementation chose) against the truth at the start weights,
+    and whether every value f hands scipy is a float32 number (a float64 computation gives one with probability
+    ~2**-29 per value)."""
+    if steps.precision != "float64":
+        return
+    value = float(call.value(call.x0))
+    if precision_of(value, truth_at_start) == "float32":
+        cause = float32_cause("scipy f(x0)", value, truth_at_start, truth)
+    else:
+        rng = np.random.default_rng(31)
+        values = [value] + [float(call.value(call.x0 + 0.05 * rng.normal(size=call.x0.size))) for _ in range(3)]
+        if not all(np.isfinite(v) and float(np.float32(v)) == v for v in values):
+            return
+        listed = ", ".join(f"{v!r}" for v in values)
+        cause = (f"every value scipy's f returned at x0 and three points near it ({listed}) is exactly a float32 "
+                 "number: it is computed in float32 (or passed through float32), not in the "
+                 "float64 of the model")
+    raise AssertionError(
+        f"{cause}. So {checked} cannot be checked against float64 finite differences (they would difference float32 "
+        "rounding noise). Compute the loss and its derivatives in the model's dtype.")
+
+
+def float32_numbers(vector: Any) -> bool:
+    """Whether a vector is float32, or float64 whose (at least 8) non-zero entries are all exactly float32 numbers:
+    a float64 computation gives such an entry with probability ~2**-29."""
+    a = np.asarray(vector)
+    if a.dtype == np.float32:
+        return True
+    a = a.astype(np.float64).ravel()
+    nonzero = a[(a != 0) & np.isfinite(a)]
+    return nonzero.size >= 8 and bool(np.all(nonzero.astype(np.float32).astype(np.float64) == nonzero))
+
+
+def require_float64_vector(vector: Any, steps: Any, what: str, consequence: str) -> None:
+    """On a backend that computes float64 models in float64, a derivative handed over in float32 is named as such
+    (its float32 rounding, ~1e-7 relative, hides inside finite-difference tolerances but not from this)."""
+    if steps.precision == "float64" and float32_numbers(vector):
+        dtype = getattr(np.asarray(vector), "dtype", None)
+        raise AssertionError(
+            f"{what}: every entry is exactly a float32 number (dtype {dtype}): it is computed in float32 (or passed "
+            f"through float32), not in the float64 of the model. {consequence}")
+
+
 # ------------------------------------------------------------------ which point is this
 KINDS = ("f", "g", "hvp")
 

@@ -21,6 +21,7 @@ import pytest
 
 from . import probes
 from .expect import close_scalar, close_vector, fitted_call, float64_vector
+from .pinn_problem import POINTS, fitted_pinn
 from .problems import (
     HESS_METHODS,
     HESSP_METHODS,
@@ -283,3 +284,65 @@ def test_least_squares_residuals_and_jacobian(impl, observe, keras, float64, met
     except AssertionError as exc:
         problems.append(str(exc))
     assert not problems, "\n".join(problems)
+
+
+PINN = (f"a PINN: compute_loss overridden, the mean squared residual of -u'' = f at {POINTS} collocation points "
+        "through the network's second input derivative, plus a boundary term")
+
+
+def _pinn_call(impl, observe, keras, method, steps, checked):
+    """The PINN fit, f's precision checked at the start (``probes.require_float64_at_start``: it needs no layout),
+    and a point near x0 in the implementation's own layout. Returns also what a wrong layout of x means here."""
+    problem, call = fitted_pinn(impl, observe, keras, method)
+    probes.require_float64_at_start(call, problem.compute_loss_at(problem.start), steps, checked,
+                                    "model.compute_loss at the start weights")
+    w = call.x0 + 0.05 * np.random.default_rng(17).normal(size=call.x0.size)
+    layout = problem.layout_problem(call.x0)
+    return problem, call, w, (f" Also: {layout} (then f's finite differences move the non-trainable weights too)"
+                              if layout else "")
+
+
+def test_pinn_gradient_matches_finite_differences(impl, observe, keras, float64, steps):
+    """The gradient of a loss that differentiates the network with respect to its inputs: a third derivative of
+    the network, exact autodiff through the input derivatives."""
+    problem, call, w, layout = _pinn_call(impl, observe, keras, "L-BFGS-B", steps, "the gradient")
+    g = call.gradient(w)
+    probes.require_float64_vector(g, steps, "the gradient handed to scipy", "Compute it in the model's dtype.")
+    close_vector(
+        np.asarray(g, dtype=np.float64),
+        central_gradient(call.value, w, steps.h, steps.order),
+        rtol=steps.rtol,
+        atol=steps.atol,
+        what="the gradient handed to scipy",
+        truth=FD,
+        why=f"the gradient is not the exact gradient of the objective ({PINN}).{layout}",
+        known=None if layout else problem.known_gradients(w),
+    )
+
+
+@pytest.mark.level("curvature", method="trust-ncg")
+def test_pinn_hvp_matches_finite_differences(impl, observe, keras, float64, steps):
+    """Hessian-vector products of the PINN loss (a fourth derivative of the network) through trust-ncg."""
+    problem, call, w, layout = _pinn_call(impl, observe, keras, "trust-ncg", steps, "Hessian-vector products")
+    p = np.random.default_rng(19).normal(size=w.size)
+    probes.require_float64_vector(call.gradient(w), steps, "the gradient handed to scipy",
+                                  "So Hessian-vector products cannot be checked against its float64 finite differences "
+                                  "(they would difference float32 rounding noise).")
+    hp = call.hvp(w, p)
+    probes.require_float64_vector(hp, steps, "trust-ncg: the Hessian-vector product",
+                                  "Compute it in the model's dtype.")
+    fd = directional(call.gradient, w, p, steps.h_hvp)
+    known = {"-H(x) p (wrong sign)": -fd, "2 H(x) p (wrong scale)": 2 * fd, "H(x) p / 2 (wrong scale)": 0.5 * fd}
+    if not layout:
+        known["the Gauss-Newton product 2 J^T J p of the residuals (an approximation, not the Hessian)"] = \
+            problem.gauss_newton_product(w, p)
+    close_vector(
+        hp,
+        fd,
+        rtol=steps.rtol,
+        atol=steps.atol,
+        what="trust-ncg: the Hessian-vector product H(x) p",
+        truth=FD_GRAD,
+        why=f"the product is not the exact Hessian of the objective times p ({PINN}).{layout}",
+        known=known,
+    )

@@ -14,6 +14,7 @@ import pytest
 
 from . import probes
 from .expect import Refusal, close_scalar, close_vector, fit, fit_ok, fitted_call, reason
+from .pinn_problem import POINTS, fitted_pinn
 from .problems import (
     add_loss_model,
     classification,
@@ -294,3 +295,48 @@ def test_stochastic_layer_in_inference_mode(impl, observe, keras):
     assert first == again, (f"f(x) = {first!r}, then f at another point, then f(x) = {again!r}: the objective is "
                             "random (Dropout active: the model runs in training mode)")
     _check_value(call, model, X, y, context="Dropout(0.5) must be the identity in inference mode")
+
+
+PINN_TRUTH = f"model.compute_loss on all {POINTS} collocation points, called directly at the same weights"
+
+
+def test_pinn_loss_is_compute_loss(impl, observe, keras, float64, steps):
+    """A physics-informed model (``pinn_problem``): compute_loss overridden, the loss the mean squared PDE residual
+    through the network's second input derivative (the backend's own autodiff) plus a boundary term, a frozen input
+    scaling. scipy's f is that compute_loss over all the collocation points, at x0 (whatever layout x has) and, x
+    being the trainable weights, at a point of the suite's choosing. Refusing such a model on purpose is LIMIT."""
+    problem, call = fitted_pinn(impl, observe, keras)
+    problems = []
+    checks = [("scipy's f(x0) (the start weights)", call.x0, problem.start)]
+    layout = problem.layout_problem(call.x0)
+    if layout:
+        problems.append(f"{layout}. x must be model.trainable_variables in order, each in C order (f was checked at "
+                        "x0 only).")
+    else:
+        w = call.x0 + 0.05 * np.random.default_rng(13).normal(size=call.x0.size)
+        checks.append(("scipy's f(x) at a point of the suite's choosing", w, w))
+    for what, x, w in checks:
+        try:
+            _pinn_value(call.value(x), problem, w, what, steps)
+        except AssertionError as exc:
+            problems.append(str(exc))
+    assert not problems, "\n".join(problems)
+
+
+def _pinn_value(value, problem, w, what, steps):
+    """close_scalar against compute_loss; a value that misses it but matches what a known bug computes (to
+    float32 precision: such a bug may also run in float32) is named."""
+    value = float(value)
+    known = problem.known_values(w)
+    try:
+        close_scalar(value, problem.compute_loss_at(w), rtol=steps.value, what=what, truth=PINN_TRUTH,
+                     why="the objective is not the model's own compute_loss over all the collocation points (a PINN: "
+                     "the loss takes the network's input derivatives)", known=known)
+    except AssertionError as exc:
+        text = str(exc)
+        if "It equals" not in text:
+            for name, v in known.items():
+                if abs(value - v) <= probes.FLOAT32_RTOL * abs(v):
+                    text = f"{text.rstrip('.')}. It equals {name} (to float32 precision)."
+                    break
+        raise AssertionError(text) from None

@@ -127,3 +127,21 @@ def test_scipys_own_refusal_at_its_entry_is_a_warning_not_work_done():
         text = expect.expect_refusal(attempt, problem="method='no-such-method'", keywords=("no-such-method",),
                                      observe=observe)
     assert "no-such-method" in text and len(observe.warnings) == 1 and "refused it at its entry" in observe.warnings[0]
+
+
+def test_float32_numbers_are_named_whatever_the_dtype():
+    """A derivative handed over in float32 (or cast through it) hides inside finite-difference tolerances; the PINN
+    checks name it from its entries: a float64 computation gives exact float32 numbers with probability ~2**-29."""
+    g = np.random.default_rng(0).normal(size=25) * 100
+    assert not probes.float32_numbers(g)
+    assert probes.float32_numbers(g.astype(np.float32)) and probes.float32_numbers(g.astype(np.float32).astype(float))
+    assert not probes.float32_numbers(np.array([0.5, 0.25, 0.0, 1.0]))  # too few entries to tell
+
+    class Steps:
+        precision = "float64"
+
+    with pytest.raises(AssertionError, match=r"exactly a float32 number \(dtype float64\): it is computed in float32"):
+        probes.require_float64_vector(g.astype(np.float32).astype(float), Steps(), "the gradient", "-")
+    probes.require_float64_vector(g, Steps(), "the gradient", "-")
+    Steps.precision = "float32"  # where Keras computes float64 models partly in float32, that is no bug
+    probes.require_float64_vector(g.astype(np.float32), Steps(), "the gradient", "-")
