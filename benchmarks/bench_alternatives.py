@@ -7,7 +7,7 @@ import math
 import numpy as np
 
 from keras_opt_ref import TensorFlowObjective
-from keras_opt_ref.bench import alternatives, baselines, measure, workloads
+from keras_opt_ref.bench import alternatives, baselines, measure, side_by_side, workloads
 
 from ._common import ADAM_SECONDS, RUN_MAXITER
 
@@ -86,7 +86,8 @@ class TimeToTarget:
 
 class LbfgsLibraries:
     """Other libraries' L-BFGS against the reference's (scipy L-BFGS-B through ``fit``): seconds to a
-    common target, from the same start (``keras_opt_ref.bench.alternatives``). Missing packages skip."""
+    common target, from the same start, every contender in its own process (``keras_opt_ref.bench.side_by_side``;
+    the reference on TensorFlow is the denominator). Missing packages skip."""
 
     params = (["mlp", "factorization"], list(alternatives.CONTENDERS))
     param_names = ("workload", "contender")
@@ -97,9 +98,10 @@ class LbfgsLibraries:
     def setup_cache(self):
         cache = {}
         for name in self.params[0]:
-            rows = measure.alternatives_time_to_target(name, "medium", maxiter=RUN_MAXITER, rounds=3)["rows"]
-            cache[name] = {who: {"ratio": row["/ reference"].median, "seconds": row["s to target"].median}
-                           for who, row in rows.items()}
+            rows = side_by_side.side_by_side(name, "medium", maxiter=RUN_MAXITER, rounds=3, orders=1,
+                                             say=lambda line: None)["rows"]
+            cache[name] = {who: {"ratio": row["/ reference"][0], "seconds": row["median s to target"][0]}
+                           for who, row in rows.items() if "failed" not in row}
         return cache
 
     def setup(self, cache, name, contender):

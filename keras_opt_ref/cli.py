@@ -76,8 +76,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     bench_parser.add_argument("--quick", action="store_true", help="fewer rounds, 10 s of Adam, scaling to 4x only")
     bench_parser.add_argument("--out", default="reports", help="folder for bench.md, bench.json and bench.png")
     bench_parser.add_argument("--adam-seconds", type=float, default=None, help="Adam's budget per configuration")
-    bench_parser.add_argument("--pinn", action="store_true", help="only the PINN time-to-error race (poisson2d "
-                              "small, and medium unless --quick), written to pinn.md and pinn.json")
+    only = bench_parser.add_mutually_exclusive_group()
+    only.add_argument("--pinn", action="store_true", help="only the PINN time-to-error race (poisson2d small, and "
+                      "medium unless --quick), written to pinn.md and pinn.json")
+    only.add_argument("--side-by-side", action="store_true", help="only the fair side-by-side against other "
+                      "libraries' L-BFGS (medium, and large unless --quick), to side-by-side.md and .json")
     args = parser.parse_args(argv)
     if args.command in (None, "demo"):
         return demo(getattr(args, "maxiter", 200))
@@ -91,8 +94,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "bench":
         from .bench import measure
 
-        if args.pinn:
-            measure.pinn_only(quick=args.quick, out=args.out)
+        if args.pinn or args.side_by_side:
+            measure.section_only("pinn" if args.pinn else "side-by-side", quick=args.quick, out=args.out)
         else:
             measure.summary(quick=args.quick, out=args.out, adam_seconds=args.adam_seconds)
         return 0

@@ -143,3 +143,30 @@ def test_the_pinn_race_runs_each_contender_in_its_own_process_and_takes_ratios(t
     assert len({row["pid"] for row in rows.values() if "pid" in row} | {os.getpid()}) == 1 + sum(
         "pid" in row for row in rows.values())
     assert len(lines) == 3
+
+
+@pytest.mark.slow
+def test_the_side_by_side_runs_each_contender_in_its_own_process_in_both_orders():
+    """Each contender's row comes from a process of its own; its seconds to the target are taken in both orders
+    of the contenders, and its ratio per order is its median over the TensorFlow reference's; the target is
+    reached by each contender that got below a tenth of the start."""
+    import os
+
+    from keras_opt_ref.bench import side_by_side
+
+    contenders = ("reference (tensorflow)", "jaxopt")
+    result = side_by_side.side_by_side("mlp", "small", maxiter=60, rounds=2, contenders=contenders,
+                                       say=lambda line: None)
+    rows = {c: row for c, row in result["rows"].items() if c not in result["skipped"]}
+    assert "reference (tensorflow)" in rows
+    assert len({row["pid"] for row in rows.values()} | {os.getpid()}) == len(rows) + 1
+    reference = rows["reference (tensorflow)"]
+    assert reference["/ reference"] == [pytest.approx(1.0)] * 2
+    for row in rows.values():
+        assert len(row["s to target"]) == 2 and all(len(times) == 2 for times in row["s to target"])
+        assert row["nfev"] >= row["nit"] > 0 and row["evaluations per iteration"] == row["nfev"] / row["nit"]
+        if row["final loss"] <= result["start"] / 10:
+            assert row["final loss"] <= result["target"] and all(np.isfinite(row["median s to target"])), row
+            medians = zip(row["median s to target"], reference["median s to target"], strict=True)
+            assert row["/ reference"] == [pytest.approx(m / r) for m, r in medians]
+    assert len(side_by_side.table(result)) == 2 + len(rows)

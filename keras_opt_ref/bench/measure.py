@@ -618,20 +618,7 @@ def summary(*, quick: bool = False, out: str = "reports", adam_seconds: float | 
     report["time_to_target"] = {"target": target, "adam_seconds": adam_time, "adam_config": list(config),
                                 "methods": to_target, "best_over_adam": best / adam_time}
 
-    say("\n## Time to target against other libraries' L-BFGS (keras_opt_ref.bench.alternatives), maxiter 200, "
-        "same start; target: the worst final loss below a tenth of the start (nan: never reached); warm runs "
-        "(first run: tracing and compilation included); ratios round by round")
-    report["alternatives"] = {}
-    for name in ("mlp", "factorization"):
-        comparison = alternatives_time_to_target(name, "medium", maxiter=200, rounds=3 if quick else 7)
-        report["alternatives"][comparison["workload"]] = comparison
-        say(f"{comparison['workload']}: start loss {comparison['start']:.4e}, target loss {comparison['target']:.4e}"
-            + "".join(f"; {c} left out: {reason}" for c, reason in comparison["skipped"].items()))
-        say(f"{'contender':<12} {'first run s':>11} {'full run s':>10} {'nit':>5} {'nfev':>6} {'final loss':>11} "
-            f"{'s to target':>22} {'/ reference':>22}")
-        for who, row in comparison["rows"].items():
-            say(f"{who:<12} {row['first run s']:>11.2f} {row['full run s']:>10.3f} {row['nit']:>5} {row['nfev']:>6} "
-                f"{row['final loss']:>11.4e} {str(row['s to target']):>22} {str(row['/ reference']):>22}")
+    report["side_by_side"] = side_by_side_section(say, quick=quick)
 
     report["pinn"] = pinn_section(say, quick=quick)
 
@@ -675,8 +662,8 @@ def summary(*, quick: bool = False, out: str = "reports", adam_seconds: float | 
         ("HVP / loss+grad, mlp-medium", mlp["hvp / loss+grad"].median, 2.0, False),
         ("HVP / loss+grad, factorization-medium", fact["hvp / loss+grad"].median, 2.0, False),
         ("per-batch loop (batch 32) / reference, factorization-medium", loop["loop / reference"].median, 30, True),
-        *[(f"tfp in-graph L-BFGS / reference, seconds to target, {label}", c["rows"]["tfp"]["/ reference"].median,
-           2.0, True) for label, c in report["alternatives"].items() if "tfp" in c["rows"]],
+        *[(f"tfp in-graph L-BFGS / reference, seconds to target, {label}", max(c["rows"]["tfp"]["/ reference"]),
+           2.0, True) for label, c in report["side_by_side"].items() if "s to target" in c["rows"].get("tfp", {})],
         ("best full-batch seconds to Adam's loss / Adam's seconds", best / adam_time, 1 / 3, False),
     ]
     for label, value, limit, higher in targets:
@@ -719,22 +706,46 @@ def pinn_section(say: Callable[[str], None], *, quick: bool = False,
     return results
 
 
-def pinn_only(*, quick: bool = False, out: str = "reports") -> dict[str, Any]:
-    """``keras-opt-ref bench --pinn``: :func:`pinn_section` alone, written to ``pinn.md`` and ``pinn.json``."""
+def side_by_side_section(say: Callable[[str], None], *, quick: bool = False,
+                         workloads_sizes: Sequence[tuple[str, str]] | None = None) -> dict[str, Any]:
+    """The fair side-by-side (:mod:`keras_opt_ref.bench.side_by_side`): the reference on each Keras backend
+    against the other libraries' L-BFGS, each contender in its own process, in two orders."""
+    from . import side_by_side
+
+    say("\n## Time to target against other libraries' L-BFGS (keras_opt_ref.bench.side_by_side): every contender "
+        "in a process of its own, same start, maxiter 200; target: the worst final loss below a tenth of the start; "
+        "first s: the cold run (tracing and compilation); s to target: median of the warm runs, in one order of "
+        "the contenders | in the reverse order; fev/it: evaluations per iteration; ms/fev: the warm run's "
+        "seconds per evaluation")
+    results = {}
+    default = [("mlp", "medium"), ("factorization", "medium")] + ([] if quick else [("mlp", "large"),
+                                                                                     ("factorization", "large")])
+    for name, size in workloads_sizes or default:
+        result = side_by_side.side_by_side(name, size, maxiter=200, rounds=1 if quick else 3, say=say)
+        for line in side_by_side.table(result):
+            say(line)
+        results[result["workload"]] = result
+    return results
+
+
+def section_only(section: str, *, quick: bool = False, out: str = "reports") -> dict[str, Any]:
+    """``keras-opt-ref bench --pinn`` / ``--side-by-side``: one section alone (:func:`pinn_section` or
+    :func:`side_by_side_section`), written to ``<section>.md`` and ``<section>.json``."""
     lines: list[str] = []
 
     def say(text: str = "") -> None:
         lines.append(text)
         print(text, flush=True)
 
-    say(f"keras-opt-ref bench --pinn ({'quick' if quick else 'full'})")
-    report = pinn_section(say, quick=quick)
+    sections = {"pinn": pinn_section, "side-by-side": side_by_side_section}
+    say(f"keras-opt-ref bench --{section} ({'quick' if quick else 'full'})")
+    report = sections[section](say, quick=quick)
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "pinn.json"), "w") as fh:
+    with open(os.path.join(out, f"{section}.json"), "w") as fh:
         json.dump(report, fh, indent=2, default=_jsonable)
-    with open(os.path.join(out, "pinn.md"), "w") as fh:
+    with open(os.path.join(out, f"{section}.md"), "w") as fh:
         fh.write("\n".join(lines) + "\n")
-    print(f"\nwritten: {out}/pinn.md, {out}/pinn.json")
+    print(f"\nwritten: {out}/{section}.md, {out}/{section}.json")
     return report
 
 
