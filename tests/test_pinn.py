@@ -185,3 +185,29 @@ def test_time_to_error_stops_at_the_target(keras, contender):
                                     check_every=5, keras=keras)
     assert row["seconds"] is not None and 0 < row["seconds"] < 120, row
     assert row["error"] <= 0.05 and row["steps"] % 5 == 0, row
+
+
+@pytest.mark.parametrize("name", ["poisson2d", "burgers1d"])
+def test_declared_mean_over_rows_chunks_the_pinn_exactly_and_sum_is_refused(keras, fd, name):
+    """loss_over_rows="mean": the collocation points in chunks of 64 give the one-piece objective's value,
+    gradient and HVP (the boundary term, the same in every chunk, counted once); "sum" counts the boundary
+    term once per chunk and is refused before any evaluation."""
+    import warnings
+
+    work = pinn.make_pinn(name, "small", keras=keras)
+    with pytest.raises(ValueError, match="loss_over_rows='sum' does not add up"):
+        backends.make_objective(work.model, work.x, work.y, chunk_size=64, loss_over_rows="sum")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # declared: no "evaluated in one piece" warning
+        chunked = backends.make_objective(work.model, work.x, work.y, chunk_size=64, loss_over_rows="mean")
+    with pytest.warns(UserWarning, match="evaluated in one piece"):
+        whole = backends.make_objective(work.model, work.x, work.y, chunk_size=64)
+    x = whole.flat.read() + 0.01 * np.random.default_rng(2).normal(size=whole.size)
+    p = np.random.default_rng(3).normal(size=whole.size)
+    rel = 1e-10 if fd is DIFFERENCES["float64"] else 1e-5  # summation order only
+    f_chunked, g_chunked = chunked.value_and_grad(x)
+    f_whole, g_whole = whole.value_and_grad(x)
+    assert f_chunked == pytest.approx(f_whole, rel=rel)
+    np.testing.assert_allclose(g_chunked, g_whole, rtol=rel * 100, atol=rel * np.max(np.abs(g_whole)))
+    hp = whole.hessp(x, p)
+    np.testing.assert_allclose(chunked.hessp(x, p), hp, rtol=rel * 100, atol=rel * 10 * np.max(np.abs(hp)))
