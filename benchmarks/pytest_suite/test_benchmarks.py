@@ -271,7 +271,8 @@ def test_pinn_loss_and_gradient(benchmark, name, size):
 
 
 _PINN_RUN = {"name": "poisson2d", "size": "small", "target": 1e-2, "adam_epochs": 100 if ADAM_SECONDS >= 10 else 5,
-             "maxiter": 5000 if RUN_MAXITER >= 200 else RUN_MAXITER, "check_every": 10, "timeout": 1800.0}
+             "maxiter": 5000 if RUN_MAXITER >= 200 else RUN_MAXITER, "check_every": 10,
+             "adam_alone_steps": 3000 if RUN_MAXITER >= 200 else RUN_MAXITER, "timeout": 1800.0}
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,11 @@ The contenders, as PINN code is written (the L-BFGS part of the usual recipe, Ad
   loss and gradient of ``compute_loss``, float64 (the same math as the reference);
 - ``adam+hand-written-float32``: the same wrapper on the model built in float32, as most tutorials do;
 - ``adam+tfp``: ``tfp.optimizer.lbfgs_minimize`` on a "function factory": one ``tf.function`` taking the
-  flat position, assigning it to the variables and returning the loss and the flat gradient, float64.
+  flat position, assigning it to the variables and returning the loss and the flat gradient, float64;
+  ``lbfgs_minimize`` itself called eagerly, as the recipe is usually written;
+- ``adam+tfp-graph``: the same with ``lbfgs_minimize`` inside a ``tf.function`` (its loop in the graph).
+
+Adam alone gets ``adam_alone_steps`` steps (3,000 by default), not the L-BFGS iteration limit.
 """
 
 from __future__ import annotations
@@ -34,14 +38,15 @@ from .pinn import make_pinn, relative_l2_error
 
 __all__ = ["CONTENDERS", "REFERENCE_BACKENDS", "in_a_process", "race", "skip_reason", "time_to_error"]
 
-CONTENDERS = ("adam", "adam+reference", "adam+hand-written", "adam+hand-written-float32", "adam+tfp")
+CONTENDERS = ("adam", "adam+reference", "adam+hand-written", "adam+hand-written-float32", "adam+tfp",
+              "adam+tfp-graph")
 REFERENCE_BACKENDS = ("tensorflow", "jax", "torch")
-_TENSORFLOW_ONLY = ("adam+hand-written", "adam+hand-written-float32", "adam+tfp")
+_TENSORFLOW_ONLY = ("adam+hand-written", "adam+hand-written-float32", "adam+tfp", "adam+tfp-graph")
 
 
 def time_to_error(contender: str, name: str = "poisson2d", size: str = "small", *, target: float = 1e-2,
                   adam_epochs: int = 100, learning_rate: float = 5e-3, maxiter: int = 5000,
-                  check_every: int = 10, keras: Any = None) -> dict[str, Any]:
+                  check_every: int = 10, adam_alone_steps: int = 3000, keras: Any = None) -> dict[str, Any]:
     """Seconds until the relative L2 error reaches ``target`` (checked every ``check_every`` epochs or
     iterations; the checks' own time is not counted), for one ``contender``:
 
@@ -51,7 +56,8 @@ def time_to_error(contender: str, name: str = "poisson2d", size: str = "small", 
       hand: ``set_weights`` from the flat vector at every call and a compiled loss-and-gradient of the
       model's ``compute_loss`` in the model's dtype;
     - ``"adam+hand-written-float32"``: the same on the model built in float32;
-    - ``"adam+tfp"``: the same Adam steps, then ``tfp.optimizer.lbfgs_minimize`` (function factory).
+    - ``"adam+tfp"``: the same Adam steps, then ``tfp.optimizer.lbfgs_minimize`` (function factory);
+    - ``"adam+tfp-graph"``: the same, ``lbfgs_minimize`` inside a ``tf.function``.
 
     Returns the seconds (``None`` if the target was not reached), the error reached, and the steps.
     """
@@ -87,7 +93,7 @@ def time_to_error(contender: str, name: str = "poisson2d", size: str = "small", 
                 self.model.stop_training = True
 
     model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss="mse")
-    adam_steps = maxiter if contender == "adam" else adam_epochs
+    adam_steps = adam_alone_steps if contender == "adam" else adam_epochs
     model.fit(X, y, batch_size=len(X), epochs=adam_steps, verbose=0, callbacks=[Check()])
     if contender == "adam+reference" and clock["reached"] is None:
         model.train_function = _reference_train_function(model, maxiter, [Check(adam_steps)])
@@ -98,10 +104,11 @@ def time_to_error(contender: str, name: str = "poisson2d", size: str = "small", 
 
         _hand_written_lbfgs(model, X, y, maxiter, lambda k: k % check_every == 0 and check(adam_steps + k), tf,
                             scipy.optimize)
-    elif contender == "adam+tfp" and clock["reached"] is None:
+    elif contender.startswith("adam+tfp") and clock["reached"] is None:
         import tensorflow as tf
 
-        _tfp_lbfgs(model, X, y, maxiter, check_every, lambda k: check(adam_steps + k), tf)
+        _tfp_lbfgs(model, X, y, maxiter, check_every, lambda k: check(adam_steps + k), tf,
+                   in_graph=contender == "adam+tfp-graph")
     if clock["reached"] is None:
         check(clock["steps"])
     backend = keras.backend.backend() if hasattr(keras, "ops") else "tensorflow"
@@ -148,10 +155,13 @@ def _hand_written_lbfgs(model: Any, X: np.ndarray, y: np.ndarray, maxiter: int, 
     fun(result.x)
 
 
-def _tfp_lbfgs(model: Any, X: np.ndarray, y: np.ndarray, maxiter: int, check_every: int, stop: Any, tf: Any) -> None:
+def _tfp_lbfgs(model: Any, X: np.ndarray, y: np.ndarray, maxiter: int, check_every: int, stop: Any, tf: Any, *,
+               in_graph: bool = False) -> None:
     """tfp's L-BFGS on a function factory: a ``tf.function`` of the flat position that assigns it to the
     variables and returns the loss and the flat gradient. Run ``check_every`` iterations at a time, each
-    call continuing the last one's state (``previous_optimizer_results``: the curvature pairs are kept)."""
+    call continuing the last one's state (``previous_optimizer_results``: the curvature pairs are kept);
+    ``in_graph``: each call to ``lbfgs_minimize`` inside a ``tf.function`` (traced once for the start, once
+    for the continuations), else eagerly."""
     import tensorflow_probability as tfp
 
     variables = model.trainable_variables
@@ -168,13 +178,23 @@ def _tfp_lbfgs(model: Any, X: np.ndarray, y: np.ndarray, maxiter: int, check_eve
         gradients = tape.gradient(loss, variables)
         return loss, tf.concat([tf.reshape(g, [-1]) for g in gradients], axis=0)
 
+    def begin(position: Any, limit: Any) -> Any:
+        return tfp.optimizer.lbfgs_minimize(value_and_gradients, initial_position=position, max_iterations=limit,
+                                            tolerance=1e-12)
+
+    def resume(previous: Any, limit: Any) -> Any:
+        return tfp.optimizer.lbfgs_minimize(value_and_gradients, initial_position=None,
+                                            previous_optimizer_results=previous, max_iterations=limit,
+                                            tolerance=1e-12)
+
+    if in_graph:
+        begin, resume = tf.function(begin), tf.function(resume)
     start = tf.concat([tf.reshape(v, [-1]) for v in variables], axis=0)
     results, done = None, 0
     while done < maxiter:
         requested = min(done + check_every, maxiter)
-        results = tfp.optimizer.lbfgs_minimize(
-            value_and_gradients, initial_position=start if results is None else None,
-            previous_optimizer_results=results, max_iterations=requested, tolerance=1e-12)
+        limit = tf.constant(requested)  # a tensor: one trace for every limit
+        results = begin(start, limit) if results is None else resume(results, limit)
         done = int(results.num_iterations)
         value_and_gradients(results.position)  # the variables hold the iterate, not the last point tried
         if stop(done) or bool(results.converged) or bool(results.failed) or done < requested:
@@ -184,8 +204,8 @@ def _tfp_lbfgs(model: Any, X: np.ndarray, y: np.ndarray, maxiter: int, check_eve
 # ------------------------------------------------------------------ every contender in its own process
 def race(name: str = "poisson2d", size: str = "small", *, target: float = 1e-2,
          contenders: Sequence[str] = CONTENDERS, backends: Sequence[str] = REFERENCE_BACKENDS,
-         adam_epochs: int = 100, maxiter: int = 5000, check_every: int = 10, timeout: float = 1800.0,
-         say: Any = print) -> dict[str, Any]:
+         adam_epochs: int = 100, maxiter: int = 5000, check_every: int = 10, adam_alone_steps: int = 3000,
+         timeout: float = 1800.0, say: Any = print) -> dict[str, Any]:
     """:func:`time_to_error` for each contender (``adam+reference`` once per Keras backend in ``backends``
     that is installed), each in a fresh process, one after another. Returns the rows by label and each
     one's seconds over the reference's on TensorFlow (``/ reference``; ``None`` where either did not
@@ -202,7 +222,7 @@ def race(name: str = "poisson2d", size: str = "small", *, target: float = 1e-2,
             continue
         rows[label] = row = in_a_process(contender, backend, name=name, size=size, target=target,
                                          adam_epochs=adam_epochs, maxiter=maxiter, check_every=check_every,
-                                         timeout=timeout)
+                                         adam_alone_steps=adam_alone_steps, timeout=timeout)
         say(_row_line(label, row))
     reference = rows.get("adam+reference (tensorflow)", {}).get("seconds")
     for row in rows.values():
@@ -227,13 +247,14 @@ def skip_reason(contender: str, backend: str) -> str:
     needed = {"jax": "jax", "torch": "torch", "tensorflow": "tensorflow"}[backend]
     if importlib.util.find_spec(needed) is None:
         return f"{needed} is not installed"
-    if contender == "adam+tfp" and importlib.util.find_spec("tensorflow_probability") is None:
+    if contender.startswith("adam+tfp") and importlib.util.find_spec("tensorflow_probability") is None:
         return "tensorflow_probability is not installed"
     return ""
 
 
 def in_a_process(contender: str, backend: str, *, name: str, size: str, target: float, adam_epochs: int,
-                 maxiter: int, check_every: int, timeout: float = 1800.0) -> dict[str, Any]:
+                 maxiter: int, check_every: int, adam_alone_steps: int = 3000,
+                 timeout: float = 1800.0) -> dict[str, Any]:
     """:func:`time_to_error` in a fresh Python process with ``KERAS_BACKEND=backend`` (its JSON row, or
     ``{"failed": why}``)."""
     env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="2")
@@ -242,7 +263,7 @@ def in_a_process(contender: str, backend: str, *, name: str, size: str, target: 
     env.pop("TF_USE_LEGACY_KERAS", None) if backend != "tensorflow" else None
     command = [sys.executable, "-m", "keras_opt_ref.bench.pinn_timing", contender, name, size, "--target",
                repr(target), "--adam-epochs", str(adam_epochs), "--maxiter", str(maxiter), "--check-every",
-               str(check_every)]
+               str(check_every), "--adam-alone-steps", str(adam_alone_steps)]
     try:
         out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -264,9 +285,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--adam-epochs", type=int, default=100)
     parser.add_argument("--maxiter", type=int, default=5000)
     parser.add_argument("--check-every", type=int, default=10)
+    parser.add_argument("--adam-alone-steps", type=int, default=3000)
     args = parser.parse_args(argv)
     row = time_to_error(args.contender, args.name, args.size, target=args.target, adam_epochs=args.adam_epochs,
-                        maxiter=args.maxiter, check_every=args.check_every)
+                        maxiter=args.maxiter, check_every=args.check_every, adam_alone_steps=args.adam_alone_steps)
     print(json.dumps({**row, "pid": os.getpid()}))
     return 0
 
