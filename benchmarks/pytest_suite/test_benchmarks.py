@@ -201,8 +201,7 @@ def test_alternative_time_to_target(benchmark, alternatives_comparison, name, co
     comparison = alternatives_comparison(name, _rounds(benchmark, 3))
     row, ref = comparison["rows"][contender], comparison["rows"]["reference (tensorflow)"]
     assert "failed" not in row and "failed" not in ref, (row, ref)
-    benchmark.extra_info.update(target=comparison["target"], maxiter=comparison["maxiter"], **row,
-                                reference=ref)
+    benchmark.extra_info.update({**row, "target": comparison["target"], "reference": ref})
     runner = alternatives.make_contender(contender, workloads.make_workload(name, "medium"), RUN_MAXITER)
     runner.run()  # tracing and compilation: not timed
     run = benchmark.pedantic(runner.run, args=(comparison["target"],), rounds=_rounds(benchmark, 3), iterations=1)

@@ -73,7 +73,8 @@ def time_to_error(contender: str, name: str = "poisson2d", size: str = "small", 
         raise ValueError(f"Contender {contender!r} is written with TensorFlow; run it with KERAS_BACKEND=tensorflow")
     work = make_pinn(name, size, keras=keras, dtype="float32" if contender.endswith("float32") else "float64")
     model, X, y = work.model, work.x, work.y
-    clock = {"start": time.perf_counter(), "checking": 0.0, "reached": None, "error": math.inf, "steps": 0}
+    clock = {"start": time.perf_counter(), "checking": 0.0, "reached": None, "error": math.inf, "steps": 0,
+             "done": 0}
 
     def check(steps: int) -> bool:
         began = time.perf_counter()
@@ -89,6 +90,7 @@ def time_to_error(contender: str, name: str = "poisson2d", size: str = "small", 
             self.offset = offset
 
         def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+            clock["done"] = self.offset + epoch + 1
             if (epoch + 1) % check_every == 0 and check(self.offset + epoch + 1):
                 self.model.stop_training = True
 
@@ -102,15 +104,21 @@ def time_to_error(contender: str, name: str = "poisson2d", size: str = "small", 
         import scipy.optimize
         import tensorflow as tf
 
-        _hand_written_lbfgs(model, X, y, maxiter, lambda k: k % check_every == 0 and check(adam_steps + k), tf,
-                            scipy.optimize)
+        def stop(k: int) -> bool:
+            clock["done"] = adam_steps + k
+            return k % check_every == 0 and check(adam_steps + k)
+
+        _hand_written_lbfgs(model, X, y, maxiter, stop, tf, scipy.optimize)
     elif contender.startswith("adam+tfp") and clock["reached"] is None:
         import tensorflow as tf
 
-        _tfp_lbfgs(model, X, y, maxiter, check_every, lambda k: check(adam_steps + k), tf,
-                   in_graph=contender == "adam+tfp-graph")
+        def stop_tfp(k: int) -> bool:
+            clock["done"] = adam_steps + k
+            return check(adam_steps + k)
+
+        _tfp_lbfgs(model, X, y, maxiter, check_every, stop_tfp, tf, in_graph=contender == "adam+tfp-graph")
     if clock["reached"] is None:
-        check(clock["steps"])
+        check(clock["done"])  # the error where the contender stopped
     backend = keras.backend.backend() if hasattr(keras, "ops") else "tensorflow"
     return {"contender": contender, "backend": backend, "workload": work.label, "target": target,
             "seconds": clock["reached"], "error": clock["error"], "steps": clock["steps"],
