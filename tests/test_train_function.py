@@ -302,3 +302,21 @@ def test_a_subclass_from_a_module_named_like_keras_trains(keras):
     model.train_function = scipy_optimizer.make_train_function(model, method="L-BFGS-B")
     model.fit(X, y, verbose=0)
     np.testing.assert_allclose(model.get_weights()[0].ravel(), workloads.README_WEIGHTS, atol=1e-3)
+
+
+def test_the_trace_counts_from_the_runs_start_inside_the_fit_call(keras):
+    """result.started (perf_counter at the scipy run's start) lies inside the fit call, and the trace's
+    seconds, counted from it, end inside it too: benchmarks place the trace on their own clock with it."""
+    import time
+
+    X, y = regression()
+    model = small_mlp(keras)
+    model.compile(loss="mse")
+    model.train_function = scipy_optimizer.make_train_function(model, method="L-BFGS-B", maxiter=20)
+    before = time.perf_counter()
+    model.fit(X, y, batch_size=len(X), verbose=0)
+    after = time.perf_counter()
+    result = model.train_function.result
+    assert before < result.started < after
+    assert result.trace[0, 0] == 0.0 and np.all(np.diff(result.trace[:, 0]) >= 0)
+    assert result.started + result.trace[-1, 0] <= after

@@ -252,6 +252,7 @@ class ScipyRun:
                 result[key] += done
             self.resumed_counts = dict.fromkeys(self.resumed_counts, 0)
         result.trace = np.array(progress.trace + [(time.perf_counter() - progress.started, float(result.fun))])
+        result.started = progress.started  # time.perf_counter() when the scipy run began: the trace's zero
         self.result = result
         self.results.append(result)
         progress.stop(result)
