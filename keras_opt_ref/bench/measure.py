@@ -27,19 +27,17 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from ..backends.tensorflow.flat import GraphFlatVariables as FlatVariables
 from ..backends.tensorflow.flat import tf_variable
 from ..backends.tensorflow.objective import TensorFlowObjective
 from ..base import keras_compat as _keras
 from ..scipy_optimizer import make_train_function
-from . import alternatives, baselines, same_math, workloads
+from . import baselines, same_math, workloads
 
 __all__ = [
     "RUN_METHODS",
     "Run",
     "Stat",
     "adam_reference",
-    "alternatives_time_to_target",
     "cycling_points",
     "evaluation_costs",
     "floor_function",
@@ -340,91 +338,6 @@ def time_to_target(trace: np.ndarray, target: float) -> float:
     """First time in a ``(seconds, loss)`` trace at which the loss is at or below ``target``."""
     hit = np.nonzero(trace[:, 1] <= target)[0]
     return float(trace[hit[0], 0]) if hit.size else math.nan
-
-
-class _ReferenceLbfgs:
-    """The reference's L-BFGS-B through ``fit``, run again and again from the workload's initial weights.
-
-    Each run's trace is shifted by the time ``fit`` spends before the scipy run (data adapter, checks), so
-    that its times count from the ``fit`` call, as the contenders' count from theirs.
-    """
-
-    def __init__(self, workload: workloads.Workload, maxiter: int) -> None:
-        self.workload = workload
-        self.flat = FlatVariables.from_variables(workload.model.trainable_variables)
-        self.x0 = self.flat.read()
-        workload.model.train_function = make_train_function(workload.model, method="L-BFGS-B", maxiter=maxiter)
-
-    def run(self) -> tuple[float, Any, np.ndarray]:
-        """Seconds of the ``fit`` call, scipy's result, the shifted ``(seconds, loss)`` trace."""
-        w = self.workload
-        self.flat.write(self.x0)
-        start = time.perf_counter()
-        w.model.fit(w.x, w.y, batch_size=w.num_samples, epochs=1, verbose=0)
-        seconds = time.perf_counter() - start
-        result = w.model.train_function.result
-        trace = np.array(result.trace, dtype=float)
-        trace[:, 0] += result.started - start  # from the fit call; not fit's teardown after the run
-        return seconds, result, trace
-
-
-def alternatives_time_to_target(
-    name: str, size: str = "medium", *, maxiter: int = 200, rounds: int = 3,
-    contenders: Sequence[str] = alternatives.CONTENDERS,
-) -> dict[str, Any]:
-    """Seconds to a common target loss: the reference (scipy L-BFGS-B through ``fit``) against the
-    installed contenders of :mod:`.alternatives`, all from the workload's initial weights with
-    iteration limit ``maxiter``.
-
-    1. Each runs once cold (tracing and compilation included), then once warm to its own stop;
-       its final loss is judged by the reference objective at its final weights.
-    2. The target is the worst of those final losses that are below a tenth of the start loss
-       (times ``1 + 1e-5``), so that every one that did not stall reaches it.
-    3. In each of ``rounds`` rounds, back to back: the reference's warm run (seconds to the target
-       from its per-iteration trace) and each contender's run stopped at the target (see
-       :mod:`.alternatives`); ratios are taken round by round.
-
-    Returns ``{"workload", "start", "target", "maxiter", "skipped": {name: reason}, "rows": {name: {...}}}``; each row
-    has ``first run s``, ``full run s``, ``nit``, ``nfev``, ``final loss``, ``s to target`` (a
-    :class:`Stat`), ``/ reference`` (a :class:`Stat`), and for the contenders ``message``.
-    """
-    label = workloads.make_workload(name, size).label
-    judge_w = workloads.make_workload(name, size)
-    judge = TensorFlowObjective(judge_w.model, judge_w.x, judge_w.y)
-    start = judge.value(judge.flat.read())  # before judging: every evaluation sets the judge's weights
-    skipped = {c: alternatives.skip_reason(c) for c in contenders if alternatives.skip_reason(c)}
-    runners = {c: alternatives.make_contender(c, workloads.make_workload(name, size), maxiter)
-               for c in contenders if c not in skipped}
-    reference = _ReferenceLbfgs(workloads.make_workload(name, size), maxiter)
-    rows: dict[str, dict[str, Any]] = {}
-    cold, _, _ = reference.run()
-    warm, result, _ = reference.run()
-    rows["reference"] = {"first run s": cold, "full run s": warm, "nit": int(result.nit), "nfev": int(result.nfev),
-                         "final loss": float(result.fun), "message": str(result.message)}
-    for c, runner in runners.items():
-        first, full = runner.run(), runner.run()
-        rows[c] = {"first run s": first.seconds, "full run s": full.seconds, "nit": full.nit, "nfev": full.nfev,
-                   "final loss": judge.value(full.x), "message": full.message}
-    # The worst of the contenders that got below a tenth of the start (one that did not has stalled;
-    # it would make the target the start itself), raised by 1e-5 relative: float32 losses from
-    # Keras and from the same math differ in their last bits, and the worst must reach its own.
-    finals = [row["final loss"] for row in rows.values()]
-    target = max([f for f in finals if f <= start / 10] or finals) * (1 + 1e-5)
-    to_target: dict[str, list[float]] = {who: [] for who in rows}
-    for _ in range(rounds):
-        _, _, trace = reference.run()
-        to_target["reference"].append(time_to_target(trace, target))
-        for c, runner in runners.items():
-            r = runner.run(target)
-            if r.seconds > 2 * rows[c]["full run s"] + 0.5:  # stopping early cannot cost more than the whole run
-                raise RuntimeError(f"{c}: {r.seconds:.2f} s to the target, {rows[c]['full run s']:.2f} s for the whole "
-                                   "run: it compiles again for a new target value")
-            to_target[c].append(r.seconds if r.loss <= target else math.nan)
-    ref = np.array(to_target["reference"])
-    for who, times in to_target.items():
-        rows[who]["s to target"] = Stat.of(times)
-        rows[who]["/ reference"] = Stat.of(np.array(times) / ref)
-    return {"workload": label, "start": start, "target": target, "maxiter": maxiter, "skipped": skipped, "rows": rows}
 
 
 def adam_reference(

@@ -27,13 +27,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
+from . import child
 from .pinn import make_pinn, relative_l2_error
 
 __all__ = ["CONTENDERS", "REFERENCE_BACKENDS", "in_a_process", "race", "skip_reason", "time_to_error"]
@@ -265,21 +265,11 @@ def in_a_process(contender: str, backend: str, *, name: str, size: str, target: 
                  timeout: float = 1800.0) -> dict[str, Any]:
     """:func:`time_to_error` in a fresh Python process with ``KERAS_BACKEND=backend`` (its JSON row, or
     ``{"failed": why}``)."""
-    env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="2")
-    if backend == "jax":
-        env["JAX_ENABLE_X64"] = "1"
-    env.pop("TF_USE_LEGACY_KERAS", None) if backend != "tensorflow" else None
-    command = [sys.executable, "-m", "keras_opt_ref.bench.pinn_timing", contender, name, size, "--target",
-               repr(target), "--adam-epochs", str(adam_epochs), "--maxiter", str(maxiter), "--check-every",
-               str(check_every), "--adam-alone-steps", str(adam_alone_steps)]
-    try:
-        out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"failed": f"no result within {timeout:g} s"}
-    lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
-    if out.returncode != 0 or not lines:
-        return {"failed": f"exit {out.returncode}: {out.stderr.strip().splitlines()[-1] if out.stderr else ''}"}
-    return json.loads(lines[-1])
+    env = {"KERAS_BACKEND": backend, **({"JAX_ENABLE_X64": "1"} if backend == "jax" else {})}
+    args = [contender, name, size, "--target", repr(target), "--adam-epochs", str(adam_epochs), "--maxiter",
+            str(maxiter), "--check-every", str(check_every), "--adam-alone-steps", str(adam_alone_steps)]
+    return child.json_row("keras_opt_ref.bench.pinn_timing", args, env=env, timeout=timeout,
+                          drop=() if backend == "tensorflow" else ("TF_USE_LEGACY_KERAS",))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

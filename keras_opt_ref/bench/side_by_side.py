@@ -1,8 +1,10 @@
 """Time to a common target loss, every contender in a process of its own: the fair side-by-side.
 
-The earlier comparison (:func:`keras_opt_ref.bench.measure.alternatives_time_to_target`) ran every contender
-in one long process, round by round; there the reference's fits took 2-4x their time measured alone, while
-the contenders' stayed stable. Here no contender shares a process with another:
+The earlier comparison (``measure.alternatives_time_to_target``, removed) ran every contender in one long
+process, round by round; there the reference's fits took 2-4x their time measured alone, while the
+contenders' stayed stable. Part of that was its clock: it placed the reference's trace by all the time
+``fit`` spent outside scipy, including Keras's teardown after the run (up to 0.6 s after a long run);
+the trace now counts from ``result.started``. Here, besides, no contender shares a process with another:
 
 1. **Target.** Each contender runs in a fresh process (``python -m keras_opt_ref.bench.side_by_side``):
    once cold (tracing and compilation included), then once warm to its own stop, from the workload's
@@ -25,13 +27,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+
+from . import child
 
 __all__ = ["CONTENDERS", "contender_in_this_process", "side_by_side"]
 
@@ -136,20 +139,11 @@ def skip_reason(contender: str) -> str:
 def in_a_process(contender: str, name: str, size: str, *, maxiter: int, target: float | None = None,
                  rounds: int = 3, timeout: float = 1800.0) -> dict[str, Any]:
     """:func:`contender_in_this_process` in a fresh process on the contender's Keras backend."""
-    env = dict(os.environ, KERAS_BACKEND=_backend_of(contender), TF_CPP_MIN_LOG_LEVEL="2")
-    if env["KERAS_BACKEND"] == "jax":
-        env["JAX_ENABLE_X64"] = "0"  # the workloads are float32, as the contenders' same math
-    command = [sys.executable, "-m", "keras_opt_ref.bench.side_by_side", contender, name, size, "--maxiter",
-               str(maxiter), "--rounds", str(rounds)] + ([] if target is None else ["--target", repr(target)])
-    try:
-        out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"failed": f"no result within {timeout:g} s"}
-    lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
-    if out.returncode != 0 or not lines:
-        tail = out.stderr.strip().splitlines()[-1] if out.stderr.strip() else ""
-        return {"failed": f"exit {out.returncode}: {tail}"}
-    return json.loads(lines[-1])
+    backend = _backend_of(contender)
+    env = {"KERAS_BACKEND": backend, **({"JAX_ENABLE_X64": "0"} if backend == "jax" else {})}  # float32 workloads
+    args = [contender, name, size, "--maxiter", str(maxiter), "--rounds", str(rounds)]
+    args += [] if target is None else ["--target", repr(target)]
+    return child.json_row("keras_opt_ref.bench.side_by_side", args, env=env, timeout=timeout)
 
 
 def side_by_side(name: str, size: str = "medium", *, maxiter: int = 200, rounds: int = 3, orders: int = 2,
