@@ -211,3 +211,12 @@ def test_only_the_chief_writes_the_callbacks_files_and_every_worker_stops_alike(
     assert [w["nit"] for w in two] == [2, 2] and two[0]["x"] == two[1]["x"]
     with open(tmp_path / "worker0.csv") as f:
         assert len(f.read().splitlines()) == 1 + 2  # the header and one row per iteration
+
+
+def test_a_declared_loss_over_rows_is_refused_under_a_strategy_before_any_work(keras, strategy):
+    """An overridden compute_loss may not divide by the replicas as Keras's does, so the replica shares of a
+    declared rule are not known to add up: refused, naming the setting and the way out."""
+    with strategy.scope():
+        model = mlp(keras)
+    with pytest.raises(ValueError, match="loss_over_rows is not supported under a tf.distribute strategy yet"):
+        backends.make_objective(model, X, Y, loss_over_rows="mean")

@@ -61,6 +61,14 @@ class DistributedObjective(TensorFlowObjective):
         self.strategy = strategy_of(model)
         if self.strategy is None:
             raise ValueError("DistributedObjective needs a model built under a tf.distribute strategy's scope().")
+        if settings.get("loss_over_rows") is not None:
+            # The replica shares undo Keras's division of its loss by the replicas, which an overridden
+            # compute_loss may not do: a declared rule is not measured across replicas yet.
+            raise ValueError(
+                f"loss_over_rows is not supported under a tf.distribute strategy yet (the model was built under "
+                f"{type(self.strategy).__name__}'s scope): a loss whose terms are unknown may not divide by the "
+                "replicas as Keras's own compute_loss does. Build the model outside strategy.scope() to chunk it."
+            )
         self._replica_data: Any = None
         self._traced_data: Any = None
         super().__init__(model, x, y, sample_weight, **settings)
@@ -69,10 +77,8 @@ class DistributedObjective(TensorFlowObjective):
     def _without_rule(self, n: int, rows: int) -> int:
         raise ValueError(
             f"This model's loss cannot be split across the {self.strategy.num_replicas_in_sync} replicas of "
-            f"{type(self.strategy).__name__} exactly: {self.why}. If the loss is a mean over the rows of the data "
-            "(plus terms that do not depend on the data), declare it with loss_over_rows='mean' ('sum' for a sum "
-            "over rows; it is checked). Otherwise train it without a strategy (build the model outside "
-            "strategy.scope()), where it is evaluated in one piece."
+            f"{type(self.strategy).__name__} exactly: {self.why}. Train it without a strategy (build the model "
+            "outside strategy.scope()), where it is evaluated in one piece or, with loss_over_rows, in chunks."
         )
 
     def _hold(self, data: tuple[Any, Any, Any], rows: int) -> None:
