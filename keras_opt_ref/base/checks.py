@@ -24,6 +24,7 @@ from .flat import numpy_dtype
 __all__ = [
     "LossFacts",
     "NotSquaredErrorError",
+    "as_float",
     "check_declared_rule",
     "check_loss_facts",
     "check_model",
@@ -294,11 +295,9 @@ def loss_facts_eagerly(model: Any, data: tuple[Any, Any, Any], rows: int, to_bac
     facts = LossFacts()
     n = int(nest.leaves(data)[0].shape[0])
     for start in range(0, n, rows):
-        x, y, sample_weight = nest.map_data(lambda t, s=start: to_backend(t[s : s + rows]), data)
         try:
-            y_pred = model(x, training=False)
+            y, y_pred, loss = _eager_loss(model, nest.map_data(lambda t, s=start: t[s : s + rows], data), to_backend)
             record(facts, model, y, y_pred)
-            loss = model.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=False)
         except (ValueError, TypeError, IndexError, RuntimeError) as exc:
             raise ValueError(
                 f"The model cannot evaluate its training data ({summary(exc)}). Check the inputs' "
@@ -331,9 +330,17 @@ def record(facts: LossFacts, model: Any, y: Any, y_pred: Any) -> None:
 def loss_eagerly(model: Any, batch: tuple[Any, Any, Any], to_backend: Any) -> float:
     """Keras's loss on ``batch`` (NumPy data, moved with ``to_backend``) at the model's current weights,
     called eagerly (inference mode on Keras 3): the one-piece measure of a declared ``loss_over_rows``."""
+    return as_float(_eager_loss(model, batch, to_backend)[2])
+
+
+def _eager_loss(model: Any, batch: tuple[Any, Any, Any], to_backend: Any) -> tuple[Any, Any, Any]:
+    """``(y, y_pred, loss)`` of one eager call of the model and ``compute_loss`` on a NumPy ``batch``."""
     x, y, sample_weight = nest.map_data(to_backend, batch)
     y_pred = model(x, training=False)
     mode = {"training": False} if _keras.flavour(model) == "keras3" else {}  # tf-keras: no such argument
-    loss = model.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, **mode)
-    loss = loss.detach().cpu() if hasattr(loss, "detach") else loss  # torch
-    return float(np.asarray(loss))
+    return y, y_pred, model.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, **mode)
+
+
+def as_float(value: Any) -> float:
+    """An eager scalar of any backend (a torch tensor may require grad) as a Python float."""
+    return float(np.asarray(value.detach().cpu() if hasattr(value, "detach") else value))

@@ -132,7 +132,7 @@ class Objective:
                  checks.loss_eagerly(self.model, cut(rows, total), self._backend_tensor))
         regularizers, _ = keras_compat.variable_regularizers(self.model)
         variables = {id(v): v for v in self.model.trainable_variables}
-        regularization = sum(_as_float(r(variables[key])) for key, r in regularizers.items() if key in variables)
+        regularization = sum(checks.as_float(r(variables[key])) for key, r in regularizers.items() if key in variables)
         dtypes = {checks.numpy_dtype_name(v.dtype) for v in self.model.trainable_variables}
         exact = dtypes == {"float64"} and self.computes_float64
         checks.check_declared_rule(declared, whole, parts, (rows, total - rows), regularization,
@@ -286,8 +286,3 @@ def weight_regularization(flat: Any, values: list[Any]) -> Any:
     terms = [v.regularizer(value) for v, value in zip(flat.variables, values, strict=True)
              if getattr(v, "regularizer", None) is not None]
     return sum(terms[1:], terms[0]) if terms else np.zeros((), np.float32)
-
-
-def _as_float(value: Any) -> float:
-    """An eager scalar of any backend (a torch tensor may require grad) as a Python float."""
-    return float(np.asarray(value.detach().cpu() if hasattr(value, "detach") else value))

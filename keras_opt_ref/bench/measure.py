@@ -32,6 +32,7 @@ from ..backends.tensorflow.objective import TensorFlowObjective
 from ..base import keras_compat as _keras
 from ..scipy_optimizer import make_train_function
 from . import baselines, same_math, workloads
+from .side_by_side import time_to_target
 
 __all__ = [
     "RUN_METHODS",
@@ -332,12 +333,6 @@ def least_squares_comparison(
         runs.append((label, run_method(workloads.make_workload("mlp", size), method, maxiter=limit, **options)))
     target = max(r.loss for label, r in runs if label in ("lm", "trf"))
     return target, [(label, r, time_to_target(r.trace, target)) for label, r in runs]
-
-
-def time_to_target(trace: np.ndarray, target: float) -> float:
-    """First time in a ``(seconds, loss)`` trace at which the loss is at or below ``target``."""
-    hit = np.nonzero(trace[:, 1] <= target)[0]
-    return float(trace[hit[0], 0]) if hit.size else math.nan
 
 
 def adam_reference(

@@ -50,7 +50,7 @@ def time_to_error(contender: str, name: str = "poisson2d", size: str = "small", 
     """Seconds until the relative L2 error reaches ``target`` (checked every ``check_every`` epochs or
     iterations; the checks' own time is not counted), for one ``contender``:
 
-    - ``"adam"``: Keras's Adam on the full batch, up to ``maxiter`` steps;
+    - ``"adam"``: Keras's Adam on the full batch, up to ``adam_alone_steps`` steps;
     - ``"adam+reference"``: ``adam_epochs`` Adam steps, then keras_opt_ref's L-BFGS-B (a callback stops it);
     - ``"adam+hand-written"``: the same Adam steps, then L-BFGS-B the way PINN code is often written by
       hand: ``set_weights`` from the flat vector at every call and a compiled loss-and-gradient of the
@@ -84,14 +84,18 @@ def time_to_error(contender: str, name: str = "poisson2d", size: str = "small", 
         clock["checking"] += time.perf_counter() - began
         return clock["reached"] is not None
 
+    def after(steps: int, due: bool) -> bool:
+        """``steps`` taken in all; the error is checked if ``due``. Whether the target is reached."""
+        clock["done"] = steps
+        return due and check(steps)
+
     class Check(keras.callbacks.Callback):
         def __init__(self, offset: int = 0) -> None:
             super().__init__()
             self.offset = offset
 
         def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
-            clock["done"] = self.offset + epoch + 1
-            if (epoch + 1) % check_every == 0 and check(self.offset + epoch + 1):
+            if after(self.offset + epoch + 1, (epoch + 1) % check_every == 0):
                 self.model.stop_training = True
 
     model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss="mse")
@@ -104,19 +108,13 @@ def time_to_error(contender: str, name: str = "poisson2d", size: str = "small", 
         import scipy.optimize
         import tensorflow as tf
 
-        def stop(k: int) -> bool:
-            clock["done"] = adam_steps + k
-            return k % check_every == 0 and check(adam_steps + k)
-
-        _hand_written_lbfgs(model, X, y, maxiter, stop, tf, scipy.optimize)
+        _hand_written_lbfgs(model, X, y, maxiter, lambda k: after(adam_steps + k, k % check_every == 0), tf,
+                            scipy.optimize)
     elif contender.startswith("adam+tfp") and clock["reached"] is None:
         import tensorflow as tf
 
-        def stop_tfp(k: int) -> bool:
-            clock["done"] = adam_steps + k
-            return check(adam_steps + k)
-
-        _tfp_lbfgs(model, X, y, maxiter, check_every, stop_tfp, tf, in_graph=contender == "adam+tfp-graph")
+        _tfp_lbfgs(model, X, y, maxiter, check_every, lambda k: after(adam_steps + k, True), tf,
+                   in_graph=contender == "adam+tfp-graph")
     if clock["reached"] is None:
         check(clock["done"])  # the error where the contender stopped
     backend = keras.backend.backend() if hasattr(keras, "ops") else "tensorflow"

@@ -36,7 +36,7 @@ import numpy as np
 
 from . import child
 
-__all__ = ["CONTENDERS", "contender_in_this_process", "side_by_side"]
+__all__ = ["CONTENDERS", "contender_in_this_process", "side_by_side", "time_to_target"]
 
 REFERENCE_BACKENDS = ("tensorflow", "jax", "torch")
 LIBRARIES = ("tfp", "jaxopt", "optimistix", "torch")
@@ -76,6 +76,12 @@ def contender_in_this_process(contender: str, name: str, size: str, *, maxiter: 
     return row
 
 
+def time_to_target(trace: np.ndarray, target: float) -> float:
+    """First time in a ``(seconds, loss)`` trace at which the loss is at or below ``target``."""
+    hit = np.nonzero(trace[:, 1] <= target)[0]
+    return float(trace[hit[0], 0]) if hit.size else math.nan
+
+
 class _Reference:
     """The reference's L-BFGS-B through ``fit``, again and again from the initial weights. The seconds to
     the target are read from the run's trace, shifted so that they count from the ``fit`` call (the trace
@@ -103,8 +109,7 @@ class _Reference:
 
     def to_target(self, target: float) -> float:
         self.run()
-        hit = np.nonzero(self.trace[:, 1] <= target)[0]
-        return float(self.trace[hit[0], 0]) if hit.size else math.nan
+        return time_to_target(self.trace, target)
 
 
 class _Library:
@@ -127,13 +132,12 @@ def skip_reason(contender: str) -> str:
     """Why ``contender`` cannot run here (a package missing), or ``""``."""
     import importlib.util
 
-    needs = {"tensorflow": ("tensorflow",), "jax": ("jax",), "torch": ("torch",)}[_backend_of(contender)]
     if not contender.startswith("reference ("):
         from . import alternatives
 
         return alternatives.skip_reason(contender) or ""
-    missing = [p for p in needs if importlib.util.find_spec(p) is None]
-    return f"{missing[0]} is not installed" if missing else ""
+    backend = _backend_of(contender)  # the package of the same name
+    return f"{backend} is not installed" if importlib.util.find_spec(backend) is None else ""
 
 
 def in_a_process(contender: str, name: str, size: str, *, maxiter: int, target: float | None = None,
@@ -151,7 +155,7 @@ def side_by_side(name: str, size: str = "medium", *, maxiter: int = 200, rounds:
     """The fair table for one workload (see the module docstring). Returns ``{"workload", "start", "target",
     "skipped", "rows"}``; each row: the warm run's counts and seconds, ``s to target`` per order (lists),
     ``median s to target`` and ``/ reference`` (its median over the TensorFlow reference's, per order)."""
-    skipped = {c: skip_reason(c) for c in contenders if skip_reason(c)}
+    skipped = {c: why for c in contenders if (why := skip_reason(c))}
     running = [c for c in contenders if c not in skipped]
     rows: dict[str, dict[str, Any]] = {}
     for c in running:
@@ -170,12 +174,11 @@ def side_by_side(name: str, size: str = "medium", *, maxiter: int = 200, rounds:
             timed = in_a_process(c, name, size, maxiter=maxiter, target=target, rounds=rounds)
             times = timed.get("s to target", [math.nan] * rounds)
             finished[c].setdefault("s to target", []).append(times)
-    reference = finished.get("reference (tensorflow)")
     for row in finished.values():
         row["median s to target"] = [float(np.median(t)) for t in row["s to target"]]
-        row["/ reference"] = [m / r if reference else math.nan for m, r in zip(
-            row["median s to target"], reference["median s to target"] if reference else row["median s to target"],
-            strict=True)]
+    reference = finished.get("reference (tensorflow)", {}).get("median s to target", [math.nan] * orders)
+    for row in finished.values():
+        row["/ reference"] = [m / r for m, r in zip(row["median s to target"], reference, strict=True)]
     return {"workload": f"{name}-{size}", "start": start, "target": target, "maxiter": maxiter, "rounds": rounds,
             "orders": orders, "skipped": skipped, "rows": rows}
 
