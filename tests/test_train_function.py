@@ -320,3 +320,47 @@ def test_the_trace_counts_from_the_runs_start_inside_the_fit_call(keras):
     assert before < result.started < after
     assert result.trace[0, 0] == 0.0 and np.all(np.diff(result.trace[:, 0]) >= 0)
     assert result.started + result.trace[-1, 0] <= after
+
+
+def _blas_threads() -> set[int]:
+    from threadpoolctl import threadpool_info
+
+    return {pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"}
+
+
+@pytest.mark.parametrize(
+    "method, blas_threads, during",
+    [("L-BFGS-B", "auto", 1), ("trust-ncg", "auto", 1), ("BFGS", "auto", 2), ("L-BFGS-B", None, 2),
+     ("BFGS", 1, 1)],
+)
+def test_scipy_blas_threads_during_the_run_only(keras, method, blas_threads, during):
+    """scipy's BLAS runs on one thread during a vector-level method's run ("auto"), keeps the process's
+    threads for a dense method or with None, follows an explicit limit, and is restored afterwards."""
+    from threadpoolctl import threadpool_limits
+
+    if not _blas_threads():
+        pytest.skip("no BLAS library that threadpoolctl controls is loaded")
+    seen = []
+
+    class Look(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):  # each iteration of the run, inside scipy's loop
+            seen.append(_blas_threads())
+
+    X, y = regression()
+    model = small_mlp(keras)
+    model.compile(loss="mse")
+    model.train_function = scipy_optimizer.make_train_function(model, method=method, maxiter=3,
+                                                               blas_threads=blas_threads, callbacks=[Look()])
+    with threadpool_limits(limits=2, user_api="blas"):  # the process's setting for this test: 2 threads
+        model.fit(X, y, batch_size=len(y), verbose=0)
+        after = _blas_threads()
+    assert seen and all(s == {during} for s in seen), seen
+    assert after == {2}
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "one"])
+def test_blas_threads_refused_before_any_work(keras, bad):
+    model = small_mlp(keras)
+    model.compile(loss="mse")
+    with pytest.raises(ValueError, match="blas_threads must be 'auto', None"):
+        scipy_optimizer.make_train_function(model, method="L-BFGS-B", blas_threads=bad)

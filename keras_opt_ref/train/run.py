@@ -20,7 +20,7 @@ import scipy.sparse.linalg
 from .. import backends
 from ..base import checks, keras_compat
 from ..base.objective import Objective
-from . import methods
+from . import methods, threads
 from .events import Events, StopRequested
 from .progress import Progress
 from .trust_ncg import SUBPROBLEMS, in_graph_trust_ncg
@@ -40,9 +40,10 @@ class ScipyRun:
     """The scipy side of the train function: one ``minimize`` or ``least_squares`` run per call of
     :meth:`run`. Reads the configuration the train function checked: ``model``, ``method`` (a
     ``methods.Method``), ``options``, ``bounds``, ``tol``, ``verbose``, ``hessian``, ``subproblem``,
-    ``jacobian``, and gets its objective from ``_objective_for``."""
+    ``jacobian``, ``blas_threads``, and gets its objective from ``_objective_for``."""
 
     objective: Any = None
+    blas_threads: int | str | None = threads.AUTO  # scipy's BLAS threads during a run (threads.blas_limit)
     result: scipy.optimize.OptimizeResult | None = None
     callbacks: list[Any] = []  # Keras callbacks that see each iteration as an epoch (events.Events)
     iterations_done = 0  # iterations of all runs so far (the callbacks' epoch numbers)
@@ -118,10 +119,11 @@ class ScipyRun:
             self._check_resumed_loss(objective, x0)
         progress.start(x0)
         try:
-            if self.method.least_squares:
-                result = _least_squares_result(scipy.optimize.least_squares(x0=x0, **kwargs), calls, progress)
-            else:
-                result = scipy.optimize.minimize(x0=x0, **kwargs)
+            with threads.blas_limit(self.method.name, self.blas_threads):
+                if self.method.least_squares:
+                    result = _least_squares_result(scipy.optimize.least_squares(x0=x0, **kwargs), calls, progress)
+                else:
+                    result = scipy.optimize.minimize(x0=x0, **kwargs)
         except NonFinite as stop:  # a controlled stop: the run ends, fit goes on
             if progress.events is not None:
                 progress.events.non_finite(progress.iteration + 1, math.nan)

@@ -39,7 +39,7 @@ from ..base.settings import (
     DEFAULT_MAX_JACOBIAN_BYTES,
     Settings,
 )
-from . import events, methods
+from . import events, methods, threads
 from .run import HESSIANS, LEAST_SQUARES_METHODS, METHODS, ScipyRun, check_choices
 
 __all__ = ["HESSIANS", "LEAST_SQUARES_METHODS", "METHODS", "ScipyTrainFunction", "make_train_function"]
@@ -105,6 +105,7 @@ class ScipyTrainFunction(ScipyRun):
         max_data_bytes: int = DEFAULT_MAX_DATA_BYTES,
         loss_over_rows: str | None = None,
         subproblem: str = "scipy",
+        blas_threads: int | str | None = threads.AUTO,
         callbacks: Any = None,
         resume_from: Any = None,
         **options: Any,
@@ -117,6 +118,7 @@ class ScipyTrainFunction(ScipyRun):
             loss_over_rows=loss_over_rows,
         )
         self.verbose = methods.check_option("verbose", verbose)
+        self.blas_threads = threads.check_blas_threads(blas_threads)
         self.tol = None if tol is None else methods.check_option("tol", tol)
         checks.check_model(model, deterministic=deterministic)
         self.model = model
@@ -317,6 +319,10 @@ def make_train_function(
         only): scipy's CG-Steihaug subproblem solved inside one compiled call per outer
         iteration, with the same steps and counts (``keras_opt_ref.train.trust_ncg``); the default
         ``"scipy"`` leaves every product to scipy.
+        ``blas_threads``: scipy's BLAS threads during each run (``keras_opt_ref.train.threads``):
+        ``"auto"`` (default) one for the methods whose own work is vector operations (L-BFGS-B, CG,
+        TNC, Newton-CG, trust-ncg, trust-krylov), so that they do not compete with the framework's
+        threads, and unchanged for the others; ``None`` leaves BLAS alone; an int limits every method.
 
     Returns
     -------
