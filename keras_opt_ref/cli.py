@@ -81,6 +81,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                       "medium unless --quick), written to pinn.md and pinn.json")
     only.add_argument("--side-by-side", action="store_true", help="only the fair side-by-side against other "
                       "libraries' L-BFGS (medium, and large unless --quick), to side-by-side.md and .json")
+    only.add_argument("--boundary", action="store_true", help="only one evaluation taken apart on each installed "
+                      "backend against the same math hand-written (medium), to boundary.md and .json")
     args = parser.parse_args(argv)
     if args.command in (None, "demo"):
         return demo(getattr(args, "maxiter", 200))
@@ -94,8 +96,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "bench":
         from .bench import measure
 
-        if args.pinn or args.side_by_side:
-            measure.section_only("pinn" if args.pinn else "side-by-side", quick=args.quick, out=args.out)
+        section = "pinn" if args.pinn else "side-by-side" if args.side_by_side else "boundary" if args.boundary else ""
+        if section:
+            measure.section_only(section, quick=args.quick, out=args.out)
         else:
             measure.summary(quick=args.quick, out=args.out, adam_seconds=args.adam_seconds)
         return 0

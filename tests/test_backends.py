@@ -181,6 +181,19 @@ def test_factorization_fit_reaches_a_small_loss():
     assert model_holds(workload.model, workload.model.train_function.result.x)
 
 
+def test_one_evaluation_taken_apart_on_this_backend():
+    """bench.boundary on this backend: the objective's three steps are timed, and the same math hand-written on
+    this backend, in Keras's form and the elementwise one, agrees with the reference (measure refuses to time
+    functions that disagree)."""
+    from keras_opt_ref.bench import boundary
+
+    row = boundary.measure("factorization", "tiny", rounds=1, repeat=1)
+    assert row["backend"] == BACKEND and row["weights"] > 0
+    for step in ("in", "call", "out", "evaluation", "same-math keras evaluation", "same-math elementwise call"):
+        assert row[f"{step} ms"][0] > 0, step
+    assert ("empty call ms" in row) == (BACKEND != "torch")
+
+
 def model_holds(model, x):
     return np.allclose(np.concatenate([np.ravel(w) for w in model.get_weights()]), x)
 

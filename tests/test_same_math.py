@@ -17,13 +17,14 @@ from keras_opt_ref.bench import same_math, workloads
 # (workload, size, bias) -- small sizes: each case compiles its functions once.
 CASES = [("linear", "small", False), ("mlp", "small", False), ("factorization", "tiny", False),
          ("factorization", "tiny", True)]
-CONTENDERS = [("tensorflow", {}), ("tensorflow", {"hvp_mode": "forward-over-reverse"}), ("jax", {})]
+CONTENDERS = [("tensorflow", {}), ("tensorflow", {"hvp_mode": "forward-over-reverse"}), ("jax", {}), ("torch", {}),
+              ("tensorflow", {"form": "keras"})]
 
 
 def _id(value):
     if isinstance(value, tuple):
         return "-".join(str(v) for v in value if v is not False).replace("True", "bias")
-    return value.get("hvp_mode", "default") if isinstance(value, dict) else str(value)
+    return "-".join(value.values()) or "default" if isinstance(value, dict) else str(value)
 
 
 @pytest.fixture(params=CONTENDERS, ids=lambda c: f"{c[0]}-{_id(c[1])}")
@@ -85,12 +86,28 @@ def test_derivatives_match_finite_differences_in_float64(keras, case, contender)
                                err_msg=f"{w.label} on {fn.backend} ({fn.hvp_mode}): HVP vs differences of gradients")
 
 
+@pytest.mark.parametrize("backend", ["tensorflow", "jax", "torch"])
+def test_keras_form_is_the_same_function(keras, backend):
+    """The factorization as Keras's Dot layer computes it (a batched matrix product) and elementwise: one function."""
+    if same_math.backend_skip_reason(backend):
+        pytest.skip(same_math.backend_skip_reason(backend))
+    w = workloads.make_workload("factorization", "tiny", keras=keras, bias=True, dtype="float64")
+    x, p = _point(w), np.random.default_rng(4).normal(size=_point(w).size)
+    keras_form, elementwise = (same_math.same_math(w, backend, form=form) for form in ("keras", "elementwise"))
+    (f1, g1), (f2, g2) = keras_form.value_and_grad(x), elementwise.value_and_grad(x)
+    assert f1 == pytest.approx(f2, rel=1e-12)
+    np.testing.assert_allclose(g1, g2, rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(keras_form.hessp(x, p), elementwise.hessp(x, p), rtol=1e-10, atol=1e-14)
+
+
 def test_unknown_backend_and_workload_are_refused(keras):
     with pytest.raises(ValueError, match="choose one of"):
         same_math.backend_skip_reason("numpy")
     w = workloads.make_workload("mlp", "small", keras=keras)
     with pytest.raises(ValueError, match="choose one of"):
         same_math.same_math(w, "tensorflow", hvp_mode="forward")
+    with pytest.raises(ValueError, match="choose one of"):
+        same_math.same_math(w, "tensorflow", form="dense")
     other = workloads.Workload("resnet", "small", w.model, w.x, w.y)
     with pytest.raises(ValueError, match="no same-math loss"):
         same_math.same_math(other)

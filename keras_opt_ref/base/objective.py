@@ -12,12 +12,15 @@ epoch's data where its framework computes, and implements::
     _setup()                                         backend state, once ``flat`` is known
     _hold(data, rows)                                hold the checked data, in chunks of ``rows``
     _compute_value(x) -> float                       Keras's full-batch loss
-    _compute_value_and_grad(x) -> ndarray [f, g...]  one compiled call, gradient exact
+    _device_vector(x) -> w                           x in the compute dtype, where the backend computes
+    _value_and_grad_call(w) -> out                   [f, g...] by one compiled call, gradient exact, ready
+    _to_host(out) -> ndarray                         out as float64 NumPy (the one host sync)
     _compute_hvp(x, p) -> ndarray                    H(x) p by nested autodiff
     _compute_hessian(x) -> ndarray (n, n)            symmetric, one HVP per unit vector
 
 each evaluation from its own ``x`` (float64 NumPy, already checked for shape; stateless: any
-call order), over data chunked so that memory is bounded.
+call order), over data chunked so that memory is bounded. The loss and gradient are the three
+steps in turn (``_compute_value_and_grad``), so that ``bench.boundary`` can time each.
 """
 
 from __future__ import annotations
@@ -179,6 +182,15 @@ class Objective:
         raise NotImplementedError
 
     def _compute_value_and_grad(self, x: np.ndarray) -> np.ndarray:
+        return self._to_host(self._value_and_grad_call(self._device_vector(x)))
+
+    def _device_vector(self, x: np.ndarray) -> Any:
+        raise NotImplementedError
+
+    def _value_and_grad_call(self, w: Any) -> Any:
+        raise NotImplementedError
+
+    def _to_host(self, out: Any) -> np.ndarray:
         raise NotImplementedError
 
     def _compute_hvp(self, x: np.ndarray, p: np.ndarray) -> np.ndarray:

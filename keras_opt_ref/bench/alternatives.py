@@ -239,14 +239,9 @@ class TorchLbfgs(Contender):
         import torch
 
         self.torch = torch
-        flat = FlatVariables.from_variables(workload.model.trainable_variables)
-        loss, order, data = same_math.workload_math(workload, flat)
-        self.dtype = torch.float64 if flat.common_dtype == np.float64 else torch.float32
-        data = [torch.from_numpy(d).to(self.dtype if d.dtype.kind == "f" else torch.int64) for d in data]
-        ops = same_math.Ops(tanh=torch.tanh, take_rows=lambda t, i: torch.index_select(t, 0, i),
-                            sum_rows=lambda t: torch.sum(t, dim=1), mean=torch.mean)
-        split = same_math._splitter(flat, order, torch.reshape)
-        self.loss = lambda v: loss(ops, split(v), data)
+        math_ = same_math.same_math(workload, "torch")
+        self.dtype = torch.float64 if math_.dtype == np.float64 else torch.float32
+        self.loss = math_.loss
 
     def _run(self, target):
         torch = self.torch

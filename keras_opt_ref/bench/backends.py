@@ -78,7 +78,7 @@ def measure(workload_name: str, size: str, rounds: int = 9, repeat: int = 3, max
 
     from .. import backends as core
     from .. import scipy_optimizer
-    from .measure import Stat, cycling_points, round_robin
+    from .timing import Stat, cycling_points, round_robin
     from .workloads import make_workload
 
     workload = make_workload(workload_name, size, keras=keras)

@@ -31,8 +31,9 @@ from ..backends.tensorflow.flat import tf_variable
 from ..backends.tensorflow.objective import TensorFlowObjective
 from ..base import keras_compat as _keras
 from ..scipy_optimizer import make_train_function
-from . import baselines, same_math, workloads
+from . import baselines, boundary, same_math, workloads
 from .side_by_side import time_to_target
+from .timing import Stat, cycling_points, round_robin
 
 __all__ = [
     "RUN_METHODS",
@@ -73,43 +74,6 @@ def skip_reason(workload_name: str, method: str) -> str | None:
     return None
 
 
-@dataclass(frozen=True)
-class Stat:
-    """Median with min-max over rounds."""
-
-    median: float
-    lo: float
-    hi: float
-
-    @classmethod
-    def of(cls, values: Sequence[float]) -> Stat:
-        v = np.asarray(values, dtype=float)
-        return cls(float(np.median(v)), float(v.min()), float(v.max()))
-
-    def scaled(self, factor: float) -> Stat:
-        return Stat(self.median * factor, self.lo * factor, self.hi * factor)
-
-    def __str__(self) -> str:
-        return f"{self.median:.3g} [{self.lo:.3g}-{self.hi:.3g}]"
-
-
-def round_robin(fns: dict[str, Callable[[], Any]], rounds: int = 15, repeat: int = 5) -> dict[str, np.ndarray]:
-    """Seconds per call of each function, per round (best of ``repeat``), timed back to back."""
-    for fn in fns.values():  # warm up: tracing and compilation are not per-call costs
-        fn()
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            best = math.inf
-            for _ in range(repeat):
-                start = time.perf_counter()
-                fn()
-                best = min(best, time.perf_counter() - start)
-            times[name].append(best)
-    return {name: np.array(t) for name, t in times.items()}
-
-
 def floor_function(objective: TensorFlowObjective) -> Callable[[], tuple[float, np.ndarray]]:
     """One bare compiled value-and-gradient call at the variables' current values."""
     model = objective.model
@@ -128,19 +92,6 @@ def floor_function(objective: TensorFlowObjective) -> Callable[[], tuple[float, 
         return float(f), g.numpy()
 
     return call
-
-
-def cycling_points(x0: np.ndarray, count: int, seed: int = 0) -> Callable[[], np.ndarray]:
-    """A cycle of distinct points near ``x0``: every call is a memo miss."""
-    rng = np.random.default_rng(seed)
-    points = [x0 + 1e-3 * rng.normal(size=x0.size) for _ in range(count)]
-    state = {"i": 0}
-
-    def next_point() -> np.ndarray:
-        state["i"] = (state["i"] + 1) % count
-        return points[state["i"]]
-
-    return next_point
 
 
 def evaluation_costs(
@@ -170,8 +121,12 @@ def evaluation_costs(
     return out
 
 
+# The same math timed in this (TensorFlow) process; torch's, eager, is timed in its own process (.boundary).
+SAME_MATH_BACKENDS = ("tensorflow", "jax")
+
+
 def same_math_costs(
-    workload: workloads.Workload, *, rounds: int = 15, repeat: int = 5, backends: Sequence[str] = same_math.BACKENDS
+    workload: workloads.Workload, *, rounds: int = 15, repeat: int = 5, backends: Sequence[str] = SAME_MATH_BACKENDS
 ) -> dict[str, Stat]:
     """The reference's loss+gradient and HVP against the same math hand-written on a flat vector.
 
@@ -457,10 +412,10 @@ def summary(*, quick: bool = False, out: str = "reports", adam_seconds: float | 
     report["evaluation"] = evaluation
 
     report["same_math"] = same = {}
-    missing = {b: reason for b in same_math.BACKENDS if (reason := same_math.backend_skip_reason(b))}
+    missing = {b: reason for b in SAME_MATH_BACKENDS if (reason := same_math.backend_skip_reason(b))}
     say("\n## Against the same math hand-written on a flat vector (keras_opt_ref.bench.same_math: one jitted "
         "function of one vector, float64 NumPy in and out; 'best': per round the faster of "
-        f"{', '.join(b for b in same_math.BACKENDS if b not in missing)})")
+        f"{', '.join(b for b in SAME_MATH_BACKENDS if b not in missing)})")
     for b, reason in missing.items():
         say(f"{b}: left out, {reason}")
     say(f"{'workload':<22} {'loss+grad / best':>18} {'HVP / best HVP':>18} {'HVP / loss+grad':>18}   "
@@ -472,7 +427,7 @@ def summary(*, quick: bool = False, out: str = "reports", adam_seconds: float | 
         backends = "; ".join(
             f"{b} {costs[f'{b} loss+grad s'].median * 1e3:.3g}, {costs[f'{b} hvp s'].median * 1e3:.3g} "
             f"({costs[f'{b} same-math hvp / loss+grad'].median:.3g})"
-            for b in same_math.BACKENDS if b not in missing)
+            for b in SAME_MATH_BACKENDS if b not in missing)
         say(f"{w.label:<22} {str(costs['loss+grad / best same-math']):>18} "
             f"{str(costs['hvp / best same-math hvp']):>18} {str(costs['hvp / loss+grad']):>18}   {backends}")
 
@@ -526,6 +481,7 @@ def summary(*, quick: bool = False, out: str = "reports", adam_seconds: float | 
     report["time_to_target"] = {"target": target, "adam_seconds": adam_time, "adam_config": list(config),
                                 "methods": to_target, "best_over_adam": best / adam_time}
 
+    report["boundary"] = boundary_section(say, quick=quick)
     report["side_by_side"] = side_by_side_section(say, quick=quick)
 
     report["pinn"] = pinn_section(say, quick=quick)
@@ -614,6 +570,17 @@ def pinn_section(say: Callable[[str], None], *, quick: bool = False,
     return results
 
 
+def boundary_section(say: Callable[[str], None], *, quick: bool = False) -> list[dict[str, Any]]:
+    """The per-evaluation boundary on each installed backend (:mod:`.boundary`), each in its own process."""
+    say("\n## One evaluation taken apart, per backend (keras_opt_ref.bench.boundary; python -m "
+        "keras_opt_ref.bench.boundary): ms per step, median over the rounds; boundary = evaluation - call; ratios "
+        "median [min-max] against the same math hand-written on one flat vector, on the same backend")
+    rows = boundary.compare("medium", rounds=5 if quick else 15)
+    for line in boundary.table(rows):
+        say(line)
+    return rows
+
+
 def side_by_side_section(say: Callable[[str], None], *, quick: bool = False,
                          workloads_sizes: Sequence[tuple[str, str]] | None = None) -> dict[str, Any]:
     """The fair side-by-side (:mod:`keras_opt_ref.bench.side_by_side`): the reference on each Keras backend
@@ -637,15 +604,15 @@ def side_by_side_section(say: Callable[[str], None], *, quick: bool = False,
 
 
 def section_only(section: str, *, quick: bool = False, out: str = "reports") -> dict[str, Any]:
-    """``keras-opt-ref bench --pinn`` / ``--side-by-side``: one section alone (:func:`pinn_section` or
-    :func:`side_by_side_section`), written to ``<section>.md`` and ``<section>.json``."""
+    """``keras-opt-ref bench --pinn`` / ``--side-by-side`` / ``--boundary``: one section alone (:func:`pinn_section`,
+    :func:`side_by_side_section` or :func:`boundary_section`), written to ``<section>.md`` and ``<section>.json``."""
     lines: list[str] = []
 
     def say(text: str = "") -> None:
         lines.append(text)
         print(text, flush=True)
 
-    sections = {"pinn": pinn_section, "side-by-side": side_by_side_section}
+    sections = {"pinn": pinn_section, "side-by-side": side_by_side_section, "boundary": boundary_section}
     say(f"keras-opt-ref bench --{section} ({'quick' if quick else 'full'})")
     report = sections[section](say, quick=quick)
     os.makedirs(out, exist_ok=True)

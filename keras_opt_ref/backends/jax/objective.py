@@ -84,19 +84,22 @@ class JaxObjective(Objective):
 
     # ------------------------------------------------------ the backend's part (base.objective.Objective)
     def _compute_value(self, x: np.ndarray) -> float:
-        return float(self._functions["value"](self._vector(x), self._state, self._data))
+        return float(self._functions["value"](self._device_vector(x), self._state, self._data))
 
-    def _compute_value_and_grad(self, x: np.ndarray) -> np.ndarray:
-        return np.asarray(self._functions["value_and_grad"](self._vector(x), self._state, self._data), np.float64)
+    def _value_and_grad_call(self, w: Any) -> jax.Array:
+        return self._functions["value_and_grad"](w, self._state, self._data).block_until_ready()
+
+    def _to_host(self, out: jax.Array) -> np.ndarray:
+        return np.asarray(out, np.float64)
 
     def _compute_hvp(self, x: np.ndarray, p: np.ndarray) -> np.ndarray:
-        out = self._functions["hvp"](self._vector(x), self._vector(p), self._state, self._data)
+        out = self._functions["hvp"](self._device_vector(x), self._device_vector(p), self._state, self._data)
         return np.asarray(out, np.float64)
 
     def _compute_hessian(self, x: np.ndarray) -> np.ndarray:
-        return np.asarray(self._functions["hessian"](self._vector(x), self._state, self._data), np.float64)
+        return np.asarray(self._functions["hessian"](self._device_vector(x), self._state, self._data), np.float64)
 
-    def _vector(self, x: np.ndarray) -> jax.Array:
+    def _device_vector(self, x: np.ndarray) -> Any:
         return jnp.asarray(x.astype(self._dtype, copy=False))
 
     # ------------------------------------------------------------- functions

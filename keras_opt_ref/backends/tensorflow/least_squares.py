@@ -118,7 +118,7 @@ class LeastSquaresObjective(TensorFlowObjective):
         """``r(x)``, float64, shape ``(m,)``; also feeds the objective's memo (``f = r . r``)."""
         x = self.flat.as_vector(x)
         self.nrev += 1
-        xt = self._tensor(x)
+        xt = self._device_vector(x)
         parts = [self._call("residuals", xt, start, size).numpy() for start, size in self._blocks(self.chunk_size)]
         l2 = self._l2 > 0
         r = np.concatenate(parts + [np.sqrt(self._l2[l2]) * x[l2]])
@@ -132,7 +132,7 @@ class LeastSquaresObjective(TensorFlowObjective):
         self.check_jacobian_size()
         x = self.flat.as_vector(x)
         self.njev += 1
-        xt = self._tensor(x)
+        xt = self._device_vector(x)
         # tape.jacobian vectorizes the backward pass over the block's residuals, and each of them
         # carries gradients for every row of the block: memory grows with rows^2 (5000 x 2689 in
         # one block took 8.7 GB). Blocks of sqrt(budget / (8 n d)) rows keep it near the budget.
@@ -151,13 +151,13 @@ class LeastSquaresObjective(TensorFlowObjective):
 
         def matvec(p):
             p = np.asarray(p, dtype=np.float64).reshape(-1)
-            xt, pt = self._tensor(x), self._tensor(p)
+            xt, pt = self._device_vector(x), self._device_vector(p)
             parts = [self._call("jvp", xt, pt, start, size).numpy() for start, size in self._blocks(self.chunk_size)]
             return np.concatenate(parts + [root * p[l2]])
 
         def rmatvec(u):
             u = np.asarray(u, dtype=np.float64).reshape(-1)
-            xt = self._tensor(x)
+            xt = self._device_vector(x)
             out = np.zeros(n)
             d = self.values_per_sample
             for start, size in self._blocks(self.chunk_size):
@@ -172,7 +172,7 @@ class LeastSquaresObjective(TensorFlowObjective):
         """``2 J^T J p``: the Gauss-Newton approximation of ``H(x) @ p`` for ``L = r . r``."""
         x, p = self.flat.as_vector(x), self.flat.as_vector(p)
         self.nhvp += 1
-        xt, pt = self._tensor(x), self._tensor(p)
+        xt, pt = self._device_vector(x), self._device_vector(p)
         out = sum(self._call("gn_hvp", xt, pt, start, size).numpy() for start, size in self._blocks(self.chunk_size))
         return 2.0 * (out + self._l2 * p)
 

@@ -170,16 +170,19 @@ class TensorFlowObjective(ChunkGraphs, Objective):
 
     # ------------------------------------------------------ the backend's part (base.objective.Objective)
     def _compute_value(self, x: np.ndarray) -> float:
-        return float(self._run("value", self._tensor(x)))
+        return float(self._run("value", self._device_vector(x)))
 
-    def _compute_value_and_grad(self, x: np.ndarray) -> np.ndarray:
-        return self._run("value_and_grad", self._tensor(x)).numpy()
+    def _value_and_grad_call(self, w: tf.Tensor) -> tf.Tensor:
+        return self._run("value_and_grad", w)  # eager TensorFlow on the CPU: returns when computed
+
+    def _to_host(self, out: tf.Tensor) -> np.ndarray:
+        return out.numpy()
 
     def _compute_hvp(self, x: np.ndarray, p: np.ndarray) -> np.ndarray:
-        return self._run("hvp", self._tensor(x), self._tensor(p)).numpy()
+        return self._run("hvp", self._device_vector(x), self._device_vector(p)).numpy()
 
     def _compute_hessian(self, x: np.ndarray) -> np.ndarray:
-        return self._run("hessian", self._tensor(x)).numpy()
+        return self._run("hessian", self._device_vector(x)).numpy()
 
     def steihaug(self, x: np.ndarray, f: float, g: np.ndarray, trust_radius: float) -> tuple:
         """scipy's trust-ncg subproblem solved in one compiled call: ``(p, hits_boundary, Hp, count)``.
@@ -193,12 +196,12 @@ class TensorFlowObjective(ChunkGraphs, Objective):
         x = self.flat.as_vector(x)
         scalar = lambda v: tf.constant(float(v), tf.float64)  # noqa: E731
         g = tf.constant(np.asarray(g, dtype=np.float64))
-        p, hits, hp, count = self._run("steihaug", self._tensor(x), scalar(f), g, scalar(trust_radius))
+        p, hits, hp, count = self._run("steihaug", self._device_vector(x), scalar(f), g, scalar(trust_radius))
         count = int(count)
         self.nhvp += abs(count)
         return p.numpy(), bool(hits), hp.numpy(), count
 
-    def _tensor(self, x: np.ndarray) -> tf.Tensor:
+    def _device_vector(self, x: np.ndarray) -> tf.Tensor:
         return tf.convert_to_tensor(x.astype(self.flat.common_dtype, copy=False))
 
     def weights_hold(self, x: np.ndarray) -> bool:

@@ -99,14 +99,20 @@ class TorchObjective(Objective):
             w = self._leaf(x, grad=False)
             return float(sum(self._piece_loss(w, piece) for piece in self._pieces))
 
-    def _compute_value_and_grad(self, x: np.ndarray) -> np.ndarray:
-        w = self._leaf(x)
-        out = np.zeros(1 + self.size)
+    def _device_vector(self, x: np.ndarray) -> torch.Tensor:
+        return self._leaf(x)
+
+    def _value_and_grad_call(self, w: torch.Tensor) -> torch.Tensor:
+        # Summed on the device in float64: one host sync per evaluation (_to_host), not two per chunk.
+        out = torch.zeros(1 + self.size, dtype=torch.float64, device=self._device)
         for piece in self._pieces:  # one chunk's graph at a time
             loss = self._piece_loss(w, piece)
-            out[0] += float(loss.detach())
-            out[1:] += _numpy(_grad(loss, w))
+            out[0] += loss.detach()
+            out[1:] += _grad(loss, w).detach()
         return out
+
+    def _to_host(self, out: torch.Tensor) -> np.ndarray:
+        return _numpy(out)
 
     def _compute_hvp(self, x: np.ndarray, p: np.ndarray) -> np.ndarray:
         p = self._leaf(p, grad=False)
