@@ -146,6 +146,21 @@ def test_the_pinn_race_runs_each_contender_in_its_own_process_and_takes_ratios(t
 
 
 @pytest.mark.slow
+def test_the_order_verdict_compares_the_orders_noise_bands():
+    from keras_opt_ref.bench.side_by_side import order_verdict
+
+    reference = [[1.0, 1.1, 1.2], [0.9, 1.0, 1.3]]
+    same = order_verdict([[0.5, 0.55, 0.6], [0.45, 0.5, 0.7]], reference)
+    assert same["/ reference"] == [pytest.approx(0.55 / 1.1), pytest.approx(0.5 / 1.0)]
+    assert same["/ reference band"][0] == [pytest.approx(0.5 / 1.2), pytest.approx(0.6 / 1.0)]
+    assert same["orders agree"] is True
+    # A contender twice as slow in the second order, beyond both orders' spreads.
+    moved = order_verdict([[0.5, 0.52, 0.54], [1.2, 1.25, 1.3]], [[1.0, 1.02, 1.04], [1.0, 1.01, 1.02]])
+    assert moved["orders agree"] is False
+    assert order_verdict([[math.nan], [0.5]], reference)["orders agree"] is None
+    assert order_verdict(reference, reference)["orders agree"] is True
+
+
 def test_the_side_by_side_runs_each_contender_in_its_own_process_in_both_orders():
     """Each contender's row comes from a process of its own; its seconds to the target are taken in both orders
     of the contenders, and its ratio per order is its median over the TensorFlow reference's; the target is
@@ -169,4 +184,5 @@ def test_the_side_by_side_runs_each_contender_in_its_own_process_in_both_orders(
             assert row["final loss"] <= result["target"] and all(np.isfinite(row["median s to target"])), row
             medians = zip(row["median s to target"], reference["median s to target"], strict=True)
             assert row["/ reference"] == [pytest.approx(m / r) for m, r in medians]
+            assert row["orders agree"] in (True, False)
     assert len(side_by_side.table(result)) == 2 + len(rows)

@@ -14,7 +14,8 @@ the trace now counts from ``result.started``. Here, besides, no contender shares
 2. **Rounds.** Each contender runs again in a fresh process: one cold run, then ``rounds`` warm runs to the
    target, back to back. The contenders' processes follow one another in the order given, then in the
    reverse order (``orders=2``): a figure that moves with the order is noise of the machine, not a speed,
-   and the two orders' medians are reported side by side.
+   and the two orders' medians are reported side by side, with a verdict: the order changes no ratio beyond
+   the noise when the orders' noise bands overlap (:func:`order_verdict`).
 
 The contenders: ``reference (<backend>)``, scipy L-BFGS-B through ``fit`` on each installed Keras backend,
 and the installed libraries of :mod:`.alternatives` (tfp, jaxopt, optimistix, torch) on the same math. Each
@@ -176,11 +177,22 @@ def side_by_side(name: str, size: str = "medium", *, maxiter: int = 200, rounds:
             finished[c].setdefault("s to target", []).append(times)
     for row in finished.values():
         row["median s to target"] = [float(np.median(t)) for t in row["s to target"]]
-    reference = finished.get("reference (tensorflow)", {}).get("median s to target", [math.nan] * orders)
+    reference = finished.get("reference (tensorflow)", {}).get("s to target", [[math.nan]] * orders)
     for row in finished.values():
-        row["/ reference"] = [m / r for m, r in zip(row["median s to target"], reference, strict=True)]
+        row.update(order_verdict(row["s to target"], reference))
     return {"workload": f"{name}-{size}", "start": start, "target": target, "maxiter": maxiter, "rounds": rounds,
             "orders": orders, "skipped": skipped, "rows": rows}
+
+
+def order_verdict(times: Sequence[Sequence[float]], reference: Sequence[Sequence[float]]) -> dict[str, Any]:
+    """Per order of the contenders: the ratio of a contender's median seconds to the reference's, and its noise
+    band, from the rounds' extremes (its fastest over the reference's slowest round, its slowest over the
+    reference's fastest). The order changes no ratio beyond the noise when every two orders' bands overlap."""
+    ratio = [float(np.median(t) / np.median(r)) for t, r in zip(times, reference, strict=True)]
+    band = [[float(np.min(t) / np.max(r)), float(np.max(t) / np.min(r))] for t, r in zip(times, reference, strict=True)]
+    finite = all(math.isfinite(b) for pair in band for b in pair)
+    agree = finite and max(lo for lo, _ in band) <= min(hi for _, hi in band)
+    return {"/ reference": ratio, "/ reference band": band, "orders agree": bool(agree) if finite else None}
 
 
 def table(result: dict[str, Any]) -> list[str]:
@@ -189,16 +201,17 @@ def table(result: dict[str, Any]) -> list[str]:
              f"{result['maxiter']}; s to target: median of {result['rounds']} warm runs, in order 1 | reverse order"
              + "".join(f"; {c} left out: {why}" for c, why in result["skipped"].items()),
              f"{'contender':<22} {'first s':>8} {'full s':>7} {'nit':>5} {'nfev':>5} {'fev/it':>6} "
-             f"{'ms/fev':>7} {'final loss':>10} {'s to target':>15} {'/ reference':>13}"]
+             f"{'ms/fev':>7} {'final loss':>10} {'s to target':>15} {'/ reference':>13} {'orders agree':>12}"]
     for c, row in result["rows"].items():
         if "failed" in row:
             lines.append(f"{c:<22} failed: {row['failed']}")
             continue
         seconds = " | ".join(f"{m:.3g}" for m in row["median s to target"])
         ratio = " | ".join(f"{r:.2f}" for r in row["/ reference"])
+        agree = {True: "yes", False: "NO", None: "-"}[row.get("orders agree")]
         lines.append(f"{c:<22} {row['first run s']:>8.2f} {row['full run s']:>7.3f} {row['nit']:>5} {row['nfev']:>5} "
                      f"{row['evaluations per iteration']:>6.2f} {row['s per evaluation'] * 1e3:>7.2f} "
-                     f"{row['final loss']:>10.4e} {seconds:>15} {ratio:>13}")
+                     f"{row['final loss']:>10.4e} {seconds:>15} {ratio:>13} {agree:>12}")
     return lines
 
 
