@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from keras_opt_ref import FlatVariables, TensorFlowObjective
-from keras_opt_ref.bench import measure, same_math, workloads
+from keras_opt_ref.bench import boundary, measure, same_math, workloads
 
 from ._common import SIZES, WORKLOADS
 
@@ -77,7 +77,7 @@ class SameMath:
     whose package is missing is skipped.
     """
 
-    params = (list(WORKLOADS), ["best", *same_math.BACKENDS])
+    params = (list(WORKLOADS), ["best", *measure.SAME_MATH_BACKENDS])
     param_names = ("workload", "same_math")
     timeout = 1800
 
@@ -131,3 +131,26 @@ class SameMathCalls:
 
     def time_hvp(self, name, size, backend):
         self.fn.hessp(self.point(), self.p)
+
+
+class Boundary:
+    """One evaluation taken apart on TensorFlow (``keras_opt_ref.bench.boundary``; every backend, each in its own
+    process: ``keras-opt-ref bench --boundary``): the part of an evaluation that is not the compiled call, and
+    the evaluation over the same math hand-written in Keras's form."""
+
+    params = (["mlp", "factorization"],)
+    param_names = ("workload",)
+    timeout = 900
+
+    def setup_cache(self):
+        return {name: boundary.measure(name, "medium", rounds=9) for name in ("mlp", "factorization")}
+
+    def track_boundary_ms(self, cache, name):
+        return cache[name]["boundary ms"][0]
+
+    track_boundary_ms.unit = "ms"
+
+    def track_evaluation_over_same_math_keras_form(self, cache, name):
+        return cache[name]["evaluation / same-math keras evaluation"][0]
+
+    track_evaluation_over_same_math_keras_form.unit = "ratio"

@@ -87,7 +87,7 @@ def same_math_costs():
     return get
 
 
-@pytest.mark.parametrize("backend", same_math.BACKENDS)
+@pytest.mark.parametrize("backend", measure.SAME_MATH_BACKENDS)
 @pytest.mark.parametrize("name", WORKLOADS)
 def test_same_math(benchmark, objectives, same_math_costs, name, backend):
     """The same math by hand on a flat vector: its loss+gradient timed; the reference's ratios to it."""
