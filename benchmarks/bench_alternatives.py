@@ -98,7 +98,7 @@ class LbfgsLibraries:
     def setup_cache(self):
         cache = {}
         for name in self.params[0]:
-            rows = side_by_side.side_by_side(name, "medium", maxiter=RUN_MAXITER, rounds=3, orders=1,
+            rows = side_by_side.side_by_side(name, "medium", maxiter=RUN_MAXITER, rounds=3, orders=1, processes=1,
                                              say=lambda line: None)["rows"]
             cache[name] = {who: {"ratio": row["/ reference"][0], "seconds": row["median s to target"][0]}
                            for who, row in rows.items() if "failed" not in row}

@@ -170,7 +170,7 @@ def test_the_side_by_side_runs_each_contender_in_its_own_process_in_both_orders(
     from keras_opt_ref.bench import side_by_side
 
     contenders = ("reference (tensorflow)", "jaxopt")
-    result = side_by_side.side_by_side("mlp", "small", maxiter=60, rounds=2, contenders=contenders,
+    result = side_by_side.side_by_side("mlp", "small", maxiter=60, rounds=2, processes=1, contenders=contenders,
                                        say=lambda line: None)
     rows = {c: row for c, row in result["rows"].items() if c not in result["skipped"]}
     assert "reference (tensorflow)" in rows

@@ -184,7 +184,8 @@ def alternatives_comparison():
     def get(name, rounds):
         if name not in cache:
             cache[name] = side_by_side.side_by_side(name, "medium", maxiter=RUN_MAXITER, rounds=rounds,
-                                                    orders=1 if rounds == 1 else 2, say=lambda line: None)
+                                                    orders=1 if rounds == 1 else 2, processes=1,
+                                                    say=lambda line: None)
         return cache[name]
 
     return get

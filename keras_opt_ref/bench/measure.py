@@ -589,14 +589,16 @@ def side_by_side_section(say: Callable[[str], None], *, quick: bool = False,
 
     say("\n## Time to target against other libraries' L-BFGS (keras_opt_ref.bench.side_by_side): every contender "
         "in a process of its own, same start, maxiter 200; target: the worst final loss below a tenth of the start; "
-        "first s: the cold run (tracing and compilation); s to target: median of the warm runs, in one order of "
-        "the contenders | in the reverse order; fev/it: evaluations per iteration; ms/fev: the warm run's "
-        "seconds per evaluation")
+        "first s: the cold run (tracing and compilation); s to target: median of the warm runs (2 processes of 3 "
+        "runs each; --quick: 1 of 1), in one order of the contenders | in the reverse order; orders agree: the two "
+        "orders' noise bands overlap; fev/it: evaluations per iteration; ms/fev: the warm run's seconds per "
+        "evaluation. Command: keras-opt-ref bench --side-by-side")
     results = {}
     default = [("mlp", "medium"), ("factorization", "medium")] + ([] if quick else [("mlp", "large"),
                                                                                      ("factorization", "large")])
     for name, size in workloads_sizes or default:
-        result = side_by_side.side_by_side(name, size, maxiter=200, rounds=1 if quick else 3, say=say)
+        result = side_by_side.side_by_side(name, size, maxiter=200, rounds=1 if quick else 3,
+                                           processes=1 if quick else 2, say=say)
         for line in side_by_side.table(result):
             say(line)
         results[result["workload"]] = result

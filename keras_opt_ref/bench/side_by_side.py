@@ -11,11 +11,14 @@ the trace now counts from ``result.started``. Here, besides, no contender shares
    initial weights, with the same iteration limit. Its final loss is judged there by the reference's
    objective on that process's Keras backend. The target is the worst final loss below a tenth of the start
    (times ``1 + 1e-5``), so that every contender that did not stall reaches it.
-2. **Rounds.** Each contender runs again in a fresh process: one cold run, then ``rounds`` warm runs to the
-   target, back to back. The contenders' processes follow one another in the order given, then in the
-   reverse order (``orders=2``): a figure that moves with the order is noise of the machine, not a speed,
-   and the two orders' medians are reported side by side, with a verdict: the order changes no ratio beyond
-   the noise when the orders' noise bands overlap (:func:`order_verdict`).
+2. **Rounds.** Each contender runs again in fresh processes: in each, one cold run, then ``rounds`` warm runs
+   to the target, back to back. The contenders' processes follow one another in the order given, ``processes``
+   times over, then in the reverse order (``orders=2``): a figure that moves with the order is noise of the
+   machine, not a speed, and the two orders' medians are reported side by side, with a verdict: the order
+   changes no ratio beyond the noise when the orders' noise bands overlap (:func:`order_verdict`). The band
+   needs more than one process per order: one process's rounds agree within a few percent, while two
+   processes of the same contender differed by up to 50% (factorization-medium, torch's ``LBFGS``: 0.40 s and
+   0.27 s), so a band from one process's rounds would call the machine's spread between processes an order.
 
 The contenders: ``reference (<backend>)``, scipy L-BFGS-B through ``fit`` on each installed Keras backend,
 and the installed libraries of :mod:`.alternatives` (tfp, jaxopt, optimistix, torch) on the same math. Each
@@ -152,10 +155,12 @@ def in_a_process(contender: str, name: str, size: str, *, maxiter: int, target: 
 
 
 def side_by_side(name: str, size: str = "medium", *, maxiter: int = 200, rounds: int = 3, orders: int = 2,
-                 contenders: Sequence[str] = CONTENDERS, say: Callable[[str], None] = print) -> dict[str, Any]:
+                 processes: int = 2, contenders: Sequence[str] = CONTENDERS,
+                 say: Callable[[str], None] = print) -> dict[str, Any]:
     """The fair table for one workload (see the module docstring). Returns ``{"workload", "start", "target",
-    "skipped", "rows"}``; each row: the warm run's counts and seconds, ``s to target`` per order (lists),
-    ``median s to target`` and ``/ reference`` (its median over the TensorFlow reference's, per order)."""
+    "skipped", "rows"}``; each row: the warm run's counts and seconds, ``s to target`` per order (lists of the
+    ``processes x rounds`` warm runs), ``median s to target`` and ``/ reference`` (its median over the TensorFlow
+    reference's, per order), with :func:`order_verdict`'s bands and verdict."""
     skipped = {c: why for c in contenders if (why := skip_reason(c))}
     running = [c for c in contenders if c not in skipped]
     rows: dict[str, dict[str, Any]] = {}
@@ -171,23 +176,25 @@ def side_by_side(name: str, size: str = "medium", *, maxiter: int = 200, rounds:
     target = max([f for f in finals if f <= start / 10] or finals) * (1 + 1e-5)
     for order in range(orders):
         sequence = list(finished) if order % 2 == 0 else list(reversed(finished))
-        for c in sequence:
+        for c in finished:
+            finished[c].setdefault("s to target", []).append([])
+        for c in sequence * processes:
             timed = in_a_process(c, name, size, maxiter=maxiter, target=target, rounds=rounds)
-            times = timed.get("s to target", [math.nan] * rounds)
-            finished[c].setdefault("s to target", []).append(times)
+            finished[c]["s to target"][-1] += timed.get("s to target", [math.nan] * rounds)
     for row in finished.values():
         row["median s to target"] = [float(np.median(t)) for t in row["s to target"]]
     reference = finished.get("reference (tensorflow)", {}).get("s to target", [[math.nan]] * orders)
     for row in finished.values():
         row.update(order_verdict(row["s to target"], reference))
     return {"workload": f"{name}-{size}", "start": start, "target": target, "maxiter": maxiter, "rounds": rounds,
-            "orders": orders, "skipped": skipped, "rows": rows}
+            "orders": orders, "processes": processes, "skipped": skipped, "rows": rows}
 
 
 def order_verdict(times: Sequence[Sequence[float]], reference: Sequence[Sequence[float]]) -> dict[str, Any]:
     """Per order of the contenders: the ratio of a contender's median seconds to the reference's, and its noise
-    band, from the rounds' extremes (its fastest over the reference's slowest round, its slowest over the
-    reference's fastest). The order changes no ratio beyond the noise when every two orders' bands overlap."""
+    band, from the extremes of the order's warm runs, all its processes' (its fastest over the reference's
+    slowest run, its slowest over the reference's fastest). The order changes no ratio beyond the noise when
+    every two orders' bands overlap."""
     ratio = [float(np.median(t) / np.median(r)) for t, r in zip(times, reference, strict=True)]
     band = [[float(np.min(t) / np.max(r)), float(np.max(t) / np.min(r))] for t, r in zip(times, reference, strict=True)]
     finite = all(math.isfinite(b) for pair in band for b in pair)
@@ -198,7 +205,8 @@ def order_verdict(times: Sequence[Sequence[float]], reference: Sequence[Sequence
 def table(result: dict[str, Any]) -> list[str]:
     """The side-by-side as text lines: one row per contender."""
     lines = [f"{result['workload']}: start loss {result['start']:.4e}, target {result['target']:.4e}, maxiter "
-             f"{result['maxiter']}; s to target: median of {result['rounds']} warm runs, in order 1 | reverse order"
+             f"{result['maxiter']}; s to target: median of {result.get('processes', 1)} processes x "
+             f"{result['rounds']} warm runs, in order 1 | reverse order"
              + "".join(f"; {c} left out: {why}" for c, why in result["skipped"].items()),
              f"{'contender':<22} {'first s':>8} {'full s':>7} {'nit':>5} {'nfev':>5} {'fev/it':>6} "
              f"{'ms/fev':>7} {'final loss':>10} {'s to target':>15} {'/ reference':>13} {'orders agree':>12}"]
