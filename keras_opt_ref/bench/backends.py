@@ -13,17 +13,16 @@ with its final loss. Each backend runs in its own process (``KERAS_BACKEND`` is 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import os
-import subprocess
 import sys
 import time
 from typing import Any
 
 import numpy as np
 
-BACKENDS = ("tensorflow", "jax", "torch")
+from . import child
+
+BACKENDS = child.BACKENDS
 WORKLOADS = ("mlp", "factorization")
 
 
@@ -109,8 +108,7 @@ def measure(workload_name: str, size: str, rounds: int = 9, repeat: int = 3, max
     return out
 
 
-def installed(backend: str) -> bool:
-    return importlib.util.find_spec({"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}[backend]) is not None
+installed = child.installed
 
 
 def compare(size: str = "medium", rounds: int = 9, backends: tuple[str, ...] = BACKENDS,
@@ -120,14 +118,12 @@ def compare(size: str = "medium", rounds: int = 9, backends: tuple[str, ...] = B
     for backend in backends:
         if not installed(backend):
             continue
-        env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="2")
         for name in workloads:
-            cmd = [sys.executable, "-m", "keras_opt_ref.bench.backends", "--one", name, "--size", size,
-                   "--rounds", str(rounds), "--maxiter", str(maxiter)]
-            done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-            if done.returncode:
-                raise RuntimeError(f"{backend} {name} failed:\n{done.stderr[-3000:]}")
-            results[f"{backend} {name}"] = json.loads(done.stdout.strip().splitlines()[-1])
+            args = ["--one", name, "--size", size, "--rounds", str(rounds), "--maxiter", str(maxiter)]
+            row = child.json_row("keras_opt_ref.bench.backends", args, env={"KERAS_BACKEND": backend}, timeout=3600)
+            if "failed" in row:
+                raise RuntimeError(f"{backend} {name} failed: {row['failed']}")
+            results[f"{backend} {name}"] = row
     return results
 
 

@@ -2,7 +2,7 @@
 
 scipy hands the objective a float64 NumPy ``x`` and wants the loss and a float64 gradient back. On each
 backend (each in a process of its own: ``KERAS_BACKEND`` is read at import) and workload this times, round
-by round (best of ``repeat`` calls, as :func:`.measure.round_robin`):
+by round (best of ``repeat`` calls, :func:`.timing.round_robin`):
 
 - ``in``: ``x`` to the backend's input, rounded to the compute dtype where it computes;
 - ``call``: the compiled value-and-gradient with its input ready, until its result is computed
@@ -27,7 +27,6 @@ out, the memo, copies and checks), and the ratios ``evaluation / same-math <form
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 from collections.abc import Callable, Sequence
@@ -36,11 +35,11 @@ from typing import Any
 import numpy as np
 
 from . import child
+from .child import BACKENDS, installed
 
-__all__ = ["BACKENDS", "compare", "empty_call", "measure", "table"]
-
-BACKENDS = ("tensorflow", "jax", "torch")
 WORKLOADS = ("mlp", "factorization")
+
+__all__ = ["compare", "empty_call", "measure", "table"]
 
 
 def empty_call(backend: str, size: int, dtype: np.dtype) -> Callable[[Any], Any] | None:
@@ -92,10 +91,10 @@ def measure(workload_name: str, size: str = "medium", *, rounds: int = 15, repea
         fns["empty call"] = lambda: empty(w0)
     forms = same_math.FORMS if workload_name == "factorization" else ("keras",)
     f_ref, g_ref = objective.value_and_grad(x0)
+    scale = np.abs(g_ref).max()
     for form, math_point in zip(forms, math_points, strict=False):
         math_ = same_math.same_math(workload, backend, form=form)
         f, g = math_.value_and_grad(x0)
-        scale = np.abs(g_ref).max()
         if not (abs(f - f_ref) <= 1e-5 * abs(f_ref) and np.allclose(g, g_ref, rtol=1e-3, atol=1e-6 * scale)):
             raise RuntimeError(f"same math ({form}) and the reference disagree at the start: {f} vs {f_ref}")
         v0 = math_.device_vector(x0)
@@ -114,19 +113,14 @@ def measure(workload_name: str, size: str = "medium", *, rounds: int = 15, repea
     return out
 
 
-def installed(backend: str) -> bool:
-    return importlib.util.find_spec(backend) is not None
-
-
 def compare(size: str = "medium", *, rounds: int = 15, backends: Sequence[str] = BACKENDS,
             workloads: Sequence[str] = WORKLOADS, timeout: float = 900.0) -> list[dict[str, Any]]:
     """:func:`measure` for every installed backend and workload, each in a fresh process."""
     rows = []
     for backend in [b for b in backends if installed(b)]:
-        env = {"KERAS_BACKEND": backend, **({"JAX_ENABLE_X64": "0"} if backend == "jax" else {})}
         for name in workloads:
             row = child.json_row("keras_opt_ref.bench.boundary", ["--one", name, size, "--rounds", str(rounds)],
-                                 env=env, timeout=timeout)
+                                 env=child.backend_env(backend), timeout=timeout)
             rows.append({"backend": backend, "workload": f"{name}-{size}", **row})
     return rows
 

@@ -4,6 +4,7 @@ compiled functions, thread pools or memory."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -11,7 +12,9 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["json_row"]
+__all__ = ["BACKENDS", "backend_env", "installed", "json_row"]
+
+BACKENDS = ("tensorflow", "jax", "torch")  # the Keras backends a child can run on, each its package's name
 
 
 def json_row(module: str, args: Sequence[str], *, env: dict[str, str], timeout: float,
@@ -29,3 +32,13 @@ def json_row(module: str, args: Sequence[str], *, env: dict[str, str], timeout: 
         tail = out.stderr.strip().splitlines()[-1] if out.stderr.strip() else ""
         return {"failed": f"exit {out.returncode}: {tail}"}
     return json.loads(lines[-1])
+
+
+def backend_env(backend: str) -> dict[str, str]:
+    """The environment of a child on Keras backend ``backend`` (JAX without 64-bit mode: float32 workloads)."""
+    return {"KERAS_BACKEND": backend, **({"JAX_ENABLE_X64": "0"} if backend == "jax" else {})}
+
+
+def installed(backend: str) -> bool:
+    """Whether ``backend``'s package is installed here."""
+    return importlib.util.find_spec(backend) is not None

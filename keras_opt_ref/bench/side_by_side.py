@@ -134,24 +134,21 @@ class _Library:
 # ------------------------------------------------------------------ the parent: one process per contender
 def skip_reason(contender: str) -> str:
     """Why ``contender`` cannot run here (a package missing), or ``""``."""
-    import importlib.util
-
     if not contender.startswith("reference ("):
         from . import alternatives
 
         return alternatives.skip_reason(contender) or ""
-    backend = _backend_of(contender)  # the package of the same name
-    return f"{backend} is not installed" if importlib.util.find_spec(backend) is None else ""
+    backend = _backend_of(contender)
+    return "" if child.installed(backend) else f"{backend} is not installed"
 
 
 def in_a_process(contender: str, name: str, size: str, *, maxiter: int, target: float | None = None,
                  rounds: int = 3, timeout: float = 1800.0) -> dict[str, Any]:
     """:func:`contender_in_this_process` in a fresh process on the contender's Keras backend."""
-    backend = _backend_of(contender)
-    env = {"KERAS_BACKEND": backend, **({"JAX_ENABLE_X64": "0"} if backend == "jax" else {})}  # float32 workloads
     args = [contender, name, size, "--maxiter", str(maxiter), "--rounds", str(rounds)]
     args += [] if target is None else ["--target", repr(target)]
-    return child.json_row("keras_opt_ref.bench.side_by_side", args, env=env, timeout=timeout)
+    return child.json_row("keras_opt_ref.bench.side_by_side", args, env=child.backend_env(_backend_of(contender)),
+                          timeout=timeout)
 
 
 def side_by_side(name: str, size: str = "medium", *, maxiter: int = 200, rounds: int = 3, orders: int = 2,
